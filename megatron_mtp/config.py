@@ -1,0 +1,119 @@
+"""Multi-token prediction settings: one dataclass, checked when it is built."""
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+MTP_MODES = ("sequential", "parallel")
+DEPTH_WEIGHTINGS = ("uniform", "harmonic", "geometric")
+# Position embeddings whose position ids are one id per token, so rolling them left is meaningful.
+ROLLABLE_POSITION_EMBEDDINGS = ("learned_absolute", "rope", "yarn", "none")
+
+
+@dataclass(frozen=True)
+class MTPConfig:
+    """How many future tokens to predict, with which modules, and how much they weigh in the loss.
+
+    Depth k (1-based) at position t predicts token t+k+1: depth 1 predicts the token after the next one.
+    The combined loss is ``L = L_main + lambda * sum_k w_k L_k / sum_k w_k``; with uniform weights this is
+    Megatron-Core's ``L_main + lambda / D * sum_k L_k``.
+    """
+
+    num_layers: int = 1
+    """D: sequential depths, or parallel heads beside the next-token head. 0 disables MTP (sequential mode)."""
+
+    mode: str = "sequential"
+    """``sequential`` (DeepSeek-V3: each depth conditions on the previous depth and the next token's
+    embedding) or ``parallel`` (Meta: independent transformer-layer heads on the trunk output)."""
+
+    loss_scaling_factor: float = 0.1
+    """lambda, the weight of the MTP term (Megatron-LM's ``--mtp-loss-scaling-factor``, default 0.1)."""
+
+    depth_weighting: str = "uniform"
+    """w_k: ``uniform`` (1), ``harmonic`` (1/k) or ``geometric`` (gamma^(k-1)); normalised by their sum."""
+
+    geometric_gamma: float = 0.5
+    """gamma for ``geometric`` depth weighting, in (0, 1]."""
+
+    loss_scaling_schedule: Tuple[Tuple[int, float], ...] = ()
+    """Optional ``((start_step, lambda), ...)``, steps increasing: from ``start_step`` on, lambda takes that
+    value; before the first entry it is ``loss_scaling_factor``. DeepSeek-V3: 0.3, then 0.1 late in training."""
+
+    def __post_init__(self):
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int):
+            raise TypeError(f"MTP num_layers must be an int, got {self.num_layers!r}")
+        if self.num_layers < 0:
+            raise ValueError(f"MTP num_layers (D) must be >= 0, got {self.num_layers}")
+        if self.mode not in MTP_MODES:
+            raise ValueError(f"unknown MTP mode {self.mode!r}; choose one of {', '.join(MTP_MODES)}")
+        if self.mode == "parallel" and self.num_layers < 1:
+            raise ValueError(
+                f"parallel MTP mode needs at least 1 head beside the next-token head, got num_layers={self.num_layers}"
+            )
+        _check_scale("MTP loss_scaling_factor", self.loss_scaling_factor)
+        if self.depth_weighting not in DEPTH_WEIGHTINGS:
+            raise ValueError(
+                f"unknown MTP depth_weighting {self.depth_weighting!r}; choose one of {', '.join(DEPTH_WEIGHTINGS)}"
+            )
+        if not (0.0 < self.geometric_gamma <= 1.0):
+            raise ValueError(f"MTP geometric_gamma must be in (0, 1], got {self.geometric_gamma}")
+        previous_step = -1
+        for entry in self.loss_scaling_schedule:
+            if len(entry) != 2:
+                raise ValueError(f"MTP loss_scaling_schedule entries are (start_step, lambda), got {entry!r}")
+            step, value = entry
+            if not isinstance(step, int) or step <= previous_step:
+                raise ValueError(
+                    f"MTP loss_scaling_schedule steps must be increasing non-negative ints, got {self.loss_scaling_schedule!r}"
+                )
+            _check_scale("MTP loss_scaling_schedule value", value)
+            previous_step = step
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_layers > 0
+
+    @property
+    def megatron_mtp_num_layers(self) -> Optional[int]:
+        """The value ``TransformerConfig.mtp_num_layers`` must have for this MTP config.
+
+        Megatron-Core reads that field to keep a copy of the word embedding on the last pipeline stage
+        (and to all-reduce its gradient with stage 0). Sequential MTP needs that copy; parallel heads do
+        not use the input embedding, so they leave the field unset.
+        """
+        return self.num_layers if self.mode == "sequential" and self.enabled else None
+
+    def depth_weights(self) -> Tuple[float, ...]:
+        """Unnormalised w_1..w_D."""
+        depths = range(1, self.num_layers + 1)
+        if self.depth_weighting == "uniform":
+            return tuple(1.0 for _ in depths)
+        if self.depth_weighting == "harmonic":
+            return tuple(1.0 / k for k in depths)
+        return tuple(self.geometric_gamma ** (k - 1) for k in depths)
+
+    def loss_scale_at(self, step: int) -> float:
+        """lambda at training step ``step``."""
+        scale = self.loss_scaling_factor
+        for start, value in self.loss_scaling_schedule:
+            if step >= start:
+                scale = value
+        return scale
+
+    def check_model(self, max_sequence_length: int, position_embedding_type: str) -> None:
+        """Fail early on model settings MTP cannot work with."""
+        if self.enabled and self.num_layers >= max_sequence_length:
+            raise ValueError(
+                f"MTP num_layers (D={self.num_layers}) must be smaller than the sequence length "
+                f"({max_sequence_length}): depth D predicts token t+D+1"
+            )
+        if self.enabled and position_embedding_type not in ROLLABLE_POSITION_EMBEDDINGS:
+            raise ValueError(
+                f"MTP cannot roll position ids of position_embedding_type={position_embedding_type!r}; "
+                f"supported: {', '.join(ROLLABLE_POSITION_EMBEDDINGS)}"
+            )
+
+
+def _check_scale(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -1,0 +1,190 @@
+"""Run Megatron-Core on CPU with the gloo backend (tests, the CPU demo).
+
+Megatron-Core 0.16 assumes CUDA in a few dozen places: tensors created with ``device="cuda"`` or
+``device=torch.cuda.current_device()``, ``.cuda()`` calls, CUDA RNG states behind the model-parallel RNG
+tracker, streams and ``torch.cuda.synchronize()``. Rather than patching each call site, the bridge:
+
+* installs a ``TorchFunctionMode`` that sends every CUDA device request to the CPU;
+* makes ``torch.cuda.current_device/synchronize/empty_cache`` and the stream API harmless;
+* replaces the model-parallel RNG tracker with one that forks the CPU generator;
+* offers :class:`SequenceParallelNorm` and :func:`with_sequence_parallel_norms` because Megatron's
+  torch norm refuses sequence parallelism (TE or apex provide that norm on GPU).
+
+It is enabled explicitly with :func:`enable` and refuses to run where CUDA is available.
+"""
+
+import contextlib
+import dataclasses
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron.core.tensor_parallel import random as mcore_random
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+_state = threading.local()
+_enabled = False
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):  # a bare index means a CUDA ordinal
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites CUDA device arguments of torch calls to ``cpu``; ``Tensor.cuda()`` is the identity."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+    """Megatron's model-parallel RNG tracker, holding and forking CPU generator states."""
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        saved = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(saved)
+
+    @contextlib.contextmanager
+    def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+
+class _NoStream:
+    """Stands in for ``torch.cuda.Stream``: work on CPU is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+
+def _no_stream_context(stream=None):
+    return contextlib.nullcontext()
+
+
+def enable() -> None:
+    """Bridge Megatron-Core's CUDA-only spots to the CPU in this process (idempotent, this thread)."""
+    global _enabled
+    if torch.cuda.is_available():
+        raise RuntimeError(
+            "megatron_mtp.cpu_bridge is for CPU-only runs; CUDA is available here, so run on the GPU instead."
+        )
+    if not _enabled:
+        torch.cuda.current_device = lambda: 0
+        torch.cuda.synchronize = lambda device=None: None
+        torch.cuda.empty_cache = lambda: None
+        torch.cuda.Stream = _NoStream
+        torch.cuda.stream = _no_stream_context
+        torch.cuda.current_stream = lambda device=None: _NoStream()
+        torch.cuda.default_stream = lambda device=None: _NoStream()
+        mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+        mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+        mcore_random.initialize_rng_tracker = _keep_cpu_rng_tracker
+        _enabled = True
+    if not getattr(_state, "mode", None):
+        _state.mode = _CudaToCpu()
+        _state.mode.__enter__()
+
+
+def _keep_cpu_rng_tracker(*args, **kwargs):
+    """Megatron re-creates its tracker on demand; keep the CPU one instead."""
+    if not isinstance(mcore_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
+        mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+def manual_seed(seed: int) -> None:
+    """CPU counterpart of ``model_parallel_cuda_manual_seed``: seeds torch and the tracker states.
+
+    The tensor-parallel state gets a seed offset by the TP rank (as Megatron does) so dropout differs
+    across TP ranks inside TP regions; expert-parallel state likewise by the EP rank.
+    """
+    from megatron.core import parallel_state
+
+    torch.manual_seed(seed)
+    tracker = mcore_random.get_cuda_rng_tracker()
+    tracker.reset()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)
+
+
+class SequenceParallelNorm:
+    """Megatron's torch LayerNorm/RMSNorm, usable with sequence parallelism.
+
+    Under sequence parallelism each TP rank normalises its own slice of the sequence, so the norm's
+    weight gradient is partial; marking the parameters ``sequence_parallel`` makes Megatron's
+    ``finalize_model_grads`` all-reduce them across the TP group.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        if config.normalization == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+        elif config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        else:
+            raise ValueError(f"SequenceParallelNorm supports LayerNorm and RMSNorm, not {config.normalization}")
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def with_sequence_parallel_norms(spec):
+    """Return ``spec`` with every ``WrappedTorchNorm`` replaced by :class:`SequenceParallelNorm`.
+
+    Works on any spec tree (layer specs, block submodules, the MTP block spec); the input is not modified.
+    """
+    if spec is WrappedTorchNorm:
+        return SequenceParallelNorm
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(with_sequence_parallel_norms(s) for s in spec)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return dataclasses.replace(
+            spec,
+            **{f.name: with_sequence_parallel_norms(getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.init},
+        )
+    return spec

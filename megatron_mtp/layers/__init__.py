@@ -1,0 +1,5 @@
+from megatron_mtp.layers.block import MTPBlock, MTPBlockSubmodules
+from megatron_mtp.layers.parallel_heads import ParallelMTPHead, ParallelMTPHeadSubmodules
+from megatron_mtp.layers.roll import roll_left
+from megatron_mtp.layers.sequential import SequentialMTPLayer, SequentialMTPLayerSubmodules
+from megatron_mtp.layers.specs import get_mtp_block_spec

@@ -1,0 +1,75 @@
+"""Parallel MTP heads (Meta, "Better & Faster Large Language Models via Multi-token Prediction").
+
+Head 0 is the model's own next-token output: the decoder (its last layer and final layernorm) and the
+output layer. Heads k = 1..D sit beside it on the decoder's final-normed output h_0 (the trunk):
+
+    h_k = final_layernorm_k(TransformerLayer_k(h_0)),   logits_k = output_layer(h_k)
+
+and head k at position t predicts token t+k+1. Heads share the output layer (unembedding) and nothing else,
+so each gets an independent gradient. Keeping head 0 as the plain model leaves the next-token path of an
+existing checkpoint untouched when heads are added.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import make_viewless_tensor
+
+
+@dataclass
+class ParallelMTPHeadSubmodules:
+    transformer_layer: Union[ModuleSpec, type] = None
+    final_layernorm: Union[ModuleSpec, type] = None
+
+
+class ParallelMTPHead(MegatronModule):
+    """One parallel MTP head. Lives on the last pipeline stage."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: ParallelMTPHeadSubmodules,
+        depth: int,
+        pg_collection: ProcessGroupCollection,
+        vp_stage: Optional[int] = None,
+    ):
+        super().__init__(config=config)
+        self.depth = depth
+        self.transformer_layer = build_module(
+            submodules.transformer_layer,
+            config=config,
+            layer_number=config.num_layers + depth,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+        self.final_layernorm = build_module(
+            submodules.final_layernorm,
+            config=config,
+            hidden_size=config.hidden_size,
+            eps=config.layernorm_epsilon,
+        )
+
+    def forward(
+        self,
+        trunk_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        rotary_pos_emb: Optional[torch.Tensor] = None,
+        rotary_pos_cos: Optional[torch.Tensor] = None,
+        rotary_pos_sin: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """trunk_states: h_0, [s, b, h] ([s/tp, b, h] under sequence parallelism). Returns h_k, same shape."""
+        hidden_states, _ = self.transformer_layer(
+            hidden_states=trunk_states,
+            attention_mask=attention_mask,
+            rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_cos=rotary_pos_cos,
+            rotary_pos_sin=rotary_pos_sin,
+        )
+        hidden_states = self.final_layernorm(hidden_states)
+        return make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)

@@ -1,0 +1,64 @@
+"""MTP metrics as additive counts: per-depth CE sums, token counts and top-1 agreement counts."""
+
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+STAT_FIELDS = ("loss_sum", "tokens", "correct_label", "correct_main")
+
+
+@torch.no_grad()
+def vocab_parallel_argmax(logits: torch.Tensor, tp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Greedy token ids from vocab-parallel logits.
+
+    Args:
+        logits: [s, b, V/tp], this rank's contiguous slice of the vocabulary.
+    Returns:
+        [s, b] global token ids, equal to ``argmax`` over the full vocabulary (lowest id on ties).
+    """
+    local_max, local_ids = logits.max(dim=-1)
+    tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
+    if tp_size == 1:
+        return local_ids
+    global_ids = local_ids + dist.get_rank(tp_group) * logits.size(-1)
+    packed = torch.stack((local_max.float(), global_ids.float()))  # ids < 2^24 stay exact in fp32
+    gathered = torch.empty((tp_size, *packed.shape), dtype=packed.dtype, device=packed.device)
+    dist.all_gather_into_tensor(gathered, packed, group=tp_group)
+    best_rank = gathered[:, 0].argmax(dim=0, keepdim=True)  # first maximum = lowest vocab slice
+    return gathered[:, 1].gather(0, best_rank).squeeze(0).long()
+
+
+class MTPStats:
+    """Accumulates per-depth counts over micro-batches; reduce across data-parallel ranks, then read.
+
+    ``values[k-1]`` holds, for depth k: CE summed over valid tokens, valid tokens, tokens whose top-1
+    prediction equals the label, and tokens whose top-1 equals the main model's greedy prediction for the
+    same target position.
+    """
+
+    def __init__(self, num_depths: int):
+        self.num_depths = num_depths
+        self.values: Optional[torch.Tensor] = None
+
+    def add(self, values: torch.Tensor) -> None:
+        """values: [D, 4] in ``STAT_FIELDS`` order."""
+        values = values.detach().to(torch.float64)
+        self.values = values if self.values is None else self.values + values
+
+    def all_reduce(self, group: Optional[dist.ProcessGroup] = None) -> None:
+        if self.values is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(self.values, group=group)
+
+    def summary(self) -> Dict[str, float]:
+        """``mtp_{k}_loss``, ``mtp_{k}_acc`` (vs labels), ``mtp_{k}_acc_main`` (vs main greedy), ``mtp_{k}_tokens``."""
+        if self.values is None:
+            return {}
+        out = {}
+        for depth, (loss_sum, tokens, correct_label, correct_main) in enumerate(self.values.tolist(), start=1):
+            denominator = max(tokens, 1.0)
+            out[f"mtp_{depth}_loss"] = loss_sum / denominator
+            out[f"mtp_{depth}_acc"] = correct_label / denominator
+            out[f"mtp_{depth}_acc_main"] = correct_main / denominator
+            out[f"mtp_{depth}_tokens"] = tokens
+        return out

@@ -1,0 +1,138 @@
+"""The MTP loss: per-depth vocab-parallel cross-entropy, its weighted combination, and how it joins the
+main loss's backward pass.
+
+Alignment (labels[t] is token t+1): depth k at position t predicts token t+k+1, so its labels and loss mask
+are the main ones rolled left by k, with zero (masked) tails; no target is taken past the sequence end.
+
+    L = L_main + lambda * sum_k w_k L_k / sum_k w_k,   L_k = sum_t mask_k[t] CE_k[t] / sum_t mask_k[t]
+
+A depth with no valid token contributes 0, not NaN. Under ``calculate_per_token_loss`` L_k is the sum
+(as in Megatron-Core), normalised later with the main loss by the global token count.
+"""
+
+from typing import Callable, List, NamedTuple, Optional, Sequence
+
+import torch
+
+from megatron_mtp.layers.roll import roll_left
+from megatron_mtp.loss.metrics import vocab_parallel_argmax
+
+
+class OutputHead(NamedTuple):
+    """What turns hidden states into vocab-parallel logits and a per-token loss (shared by all depths)."""
+
+    output_layer: torch.nn.Module  # ColumnParallelLinear: [s, b, h] -> [s, b, V/tp]
+    weight: Optional[torch.Tensor]  # the word-embedding weight when tied, else None
+    cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (labels [b, s], logits) -> [b, s]
+
+
+class DepthLoss(NamedTuple):
+    loss_sum: torch.Tensor  # scalar, masked CE sum, differentiable
+    stats: torch.Tensor  # [4] detached counts in metrics.STAT_FIELDS order
+
+
+def plain_depth_loss(
+    hidden_states: torch.Tensor,
+    head: OutputHead,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    main_predictions: Optional[torch.Tensor],
+) -> DepthLoss:
+    """One depth's loss with its full logits materialised (the reference implementation).
+
+    Args:
+        hidden_states: h_k, [s, b, h] ([s/tp, b, h] under SP; the output layer gathers).
+        labels, loss_mask: already rolled for this depth, [b, s].
+        main_predictions: the main model's greedy ids for the same targets, [b, s], or None to skip metrics.
+    """
+    logits, _ = head.output_layer(hidden_states, weight=head.weight)  # [s, b, V/tp]
+    token_loss = head.cross_entropy(labels, logits)  # [b, s]
+    loss_sum = (token_loss * loss_mask).sum()
+    stats = torch.zeros(4, device=loss_sum.device)
+    if main_predictions is not None:
+        with torch.no_grad():
+            predictions = vocab_parallel_argmax(logits, head.output_layer.tp_group).t()  # [b, s]
+            valid = loss_mask > 0
+            stats = torch.stack(
+                (
+                    loss_sum.detach().float(),
+                    valid.sum().float(),
+                    ((predictions == labels) & valid).sum().float(),
+                    ((predictions == main_predictions) & valid).sum().float(),
+                )
+            )
+    return DepthLoss(loss_sum, stats)
+
+
+class MTPLossResult(NamedTuple):
+    term: torch.Tensor  # scalar: lambda * weighted MTP loss, differentiable
+    stats: torch.Tensor  # [D, 4] detached counts (zeros when metrics were not requested)
+
+
+def mtp_loss(
+    depth_hidden_states: Sequence[torch.Tensor],
+    head: OutputHead,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    main_predictions: Optional[torch.Tensor],
+    depth_weights: Sequence[float],
+    loss_scale: float,
+    per_token_loss: bool,
+    depth_loss: Callable[..., DepthLoss] = plain_depth_loss,
+) -> MTPLossResult:
+    """
+    Args:
+        depth_hidden_states: [h_1, ..., h_D], each [s, b, h].
+        labels, loss_mask: the main (next-token) labels and mask, [b, s].
+        main_predictions: greedy ids of the main model, [b, s] (position t predicts token t+1), or None.
+        depth_weights: w_1..w_D (unnormalised); loss_scale: lambda.
+    """
+    loss_mask = loss_mask.float()
+    term = torch.zeros((), device=labels.device)
+    all_stats: List[torch.Tensor] = []
+    for depth, (hidden_states, weight) in enumerate(zip(depth_hidden_states, depth_weights), start=1):
+        mask_k = roll_left(loss_mask, depth)
+        result = depth_loss(
+            hidden_states,
+            head,
+            roll_left(labels, depth),
+            mask_k,
+            None if main_predictions is None else roll_left(main_predictions, depth),
+        )
+        depth_term = result.loss_sum if per_token_loss else result.loss_sum / mask_k.sum().clamp(min=1.0)
+        term = term + weight * depth_term
+        all_stats.append(result.stats)
+    term = term * (loss_scale / sum(depth_weights))
+    return MTPLossResult(term, torch.stack(all_stats))
+
+
+class _InjectMTPLoss(torch.autograd.Function):
+    """Identity on the per-token LM loss in forward; in backward it also starts the MTP term's backward.
+
+    The MTP term's gradient scale is read off the LM loss's own incoming gradient, so whatever the user's
+    loss function and the pipeline schedule do to the main loss (mean over tokens, 1/num_microbatches,
+    grad scaler, CP factor) applies to the MTP term too, with no global state:
+    mean-form term: d total / d term = sum_t g[t]; sum-form (per-token) term: sum_t g[t] / main tokens.
+    """
+
+    @staticmethod
+    def forward(ctx, lm_loss, term, main_tokens):
+        ctx.save_for_backward(main_tokens)
+        ctx.per_token = main_tokens is not None
+        return lm_loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_lm_loss):
+        scale = grad_lm_loss.sum()
+        if ctx.per_token:
+            (main_tokens,) = ctx.saved_tensors
+            scale = scale / main_tokens.clamp(min=1.0)
+        return grad_lm_loss, scale, None
+
+
+def inject_mtp_loss(
+    lm_loss: torch.Tensor, term: torch.Tensor, loss_mask: torch.Tensor, per_token_loss: bool
+) -> torch.Tensor:
+    """Return ``lm_loss`` ([b, s], values unchanged) carrying ``term`` into the backward pass."""
+    main_tokens = loss_mask.float().sum() if per_token_loss else None
+    return _InjectMTPLoss.apply(lm_loss, term, main_tokens)
