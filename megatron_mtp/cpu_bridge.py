@@ -4,8 +4,11 @@ Megatron-Core 0.16 assumes CUDA in a few dozen places: tensors created with ``de
 ``device=torch.cuda.current_device()``, ``.cuda()`` calls, CUDA RNG states behind the model-parallel RNG
 tracker, streams and ``torch.cuda.synchronize()``. Rather than patching each call site, the bridge:
 
-* installs a ``TorchFunctionMode`` that sends every CUDA device request to the CPU;
-* makes ``torch.cuda.current_device/synchronize/empty_cache`` and the stream API harmless;
+* makes ``torch.cuda.current_device()`` return the CPU device, which covers allocations in autograd
+  backward functions too (torch function modes are not active there);
+* installs a ``TorchFunctionMode`` that sends the remaining CUDA device requests (``device="cuda"``,
+  ``.cuda()``, ``.to("cuda")``) to the CPU, and names CPU tensors' types as CUDA types;
+* makes ``torch.cuda.synchronize/empty_cache`` and the stream API harmless;
 * replaces the model-parallel RNG tracker with one that forks the CPU generator;
 * offers :class:`SequenceParallelNorm` and :func:`with_sequence_parallel_norms` because Megatron's
   torch norm refuses sequence parallelism (TE or apex provide that norm on GPU).
@@ -24,6 +27,7 @@ from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 _state = threading.local()
+_CPU = torch.device("cpu")
 _enabled = False
 
 
@@ -44,6 +48,9 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron identifies dtypes by CUDA type names ("torch.cuda.FloatTensor").
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
@@ -107,7 +114,7 @@ def enable() -> None:
             "megatron_mtp.cpu_bridge is for CPU-only runs; CUDA is available here, so run on the GPU instead."
         )
     if not _enabled:
-        torch.cuda.current_device = lambda: 0
+        torch.cuda.current_device = lambda: _CPU
         torch.cuda.synchronize = lambda device=None: None
         torch.cuda.empty_cache = lambda: None
         torch.cuda.Stream = _NoStream

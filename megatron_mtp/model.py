@@ -82,6 +82,9 @@ class MTPGPTModel(GPTModel):
                 scatter_to_sequence_parallel=scatter_embedding_sequence_parallel,
                 tp_group=self.pg_collection.tp,
             )
+            if share_embeddings_and_output_weights:
+                # The output layer reads the embedding copy above; GPTModel allocated a weight it never uses.
+                self.output_layer.weight = None
         if has_mtp:
             self.mtp = build_module(
                 mtp_block_spec, config=config, pg_collection=self.pg_collection, vp_stage=vp_stage

@@ -22,9 +22,10 @@ def vocab_parallel_argmax(logits: torch.Tensor, tp_group: Optional[dist.ProcessG
     if tp_size == 1:
         return local_ids
     global_ids = local_ids + dist.get_rank(tp_group) * logits.size(-1)
-    packed = torch.stack((local_max.float(), global_ids.float()))  # ids < 2^24 stay exact in fp32
-    gathered = torch.empty((tp_size, *packed.shape), dtype=packed.dtype, device=packed.device)
+    packed = torch.stack((local_max.float(), global_ids.float()))  # [2, s, b]; ids < 2^24 exact in fp32
+    gathered = torch.empty((tp_size * 2, *packed.shape[1:]), dtype=packed.dtype, device=packed.device)
     dist.all_gather_into_tensor(gathered, packed, group=tp_group)
+    gathered = gathered.view(tp_size, *packed.shape)  # [tp, 2, s, b]
     best_rank = gathered[:, 0].argmax(dim=0, keepdim=True)  # first maximum = lowest vocab slice
     return gathered[:, 1].gather(0, best_rank).squeeze(0).long()
 

@@ -1,0 +1,154 @@
+"""TP=2, PP=2 (1F1B, several micro-batches) and TP=2 x PP=2 give one process's losses, MTP metrics and
+gradients, for both MTP modes; SP at TP=2; MTP only on the last stage; embedding copies stay equal
+after optimizer steps. Each test spawns one gloo world and runs several cases in it."""
+
+import pytest
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+from megatron_mtp.config import MTPConfig
+from megatron_mtp.loss import MTPStats
+from mp_world import run_world
+from tiny import (
+    build_model,
+    global_names,
+    grad_of,
+    load_full_state,
+    make_batches,
+    max_grad_diffs,
+    train_step,
+    transformer_config,
+    wrap_ddp,
+)
+
+MICROBATCHES = 4
+# (mode, sequence_parallel, tied output)
+TP_CASES = [
+    ("sequential", False, False),
+    ("sequential", True, False),
+    ("sequential", True, True),
+    ("parallel", False, False),
+    ("parallel", True, False),
+]
+PP_CASES = [
+    ("sequential", False, False),
+    ("sequential", False, True),
+    ("parallel", False, False),
+    ("parallel", False, True),
+]
+TP_PP_CASES = [
+    ("sequential", True, False),
+    ("parallel", False, True),
+]
+
+
+def _reference(cases, microbatches):
+    """One-process results per case: initial weights, per-micro-batch LM loss, MTP counts, gradients."""
+    results = []
+    for mode, _, tied in cases:
+        mtp = MTPConfig(num_layers=2, mode=mode, depth_weighting="harmonic")
+        config = transformer_config(mtp)
+        model = wrap_ddp(build_model(config, mtp, tied=tied), config)
+        weights = {name: p.detach().clone() for name, p in global_names(model).items()}
+        stats = MTPStats(2)
+        losses = train_step(model, config, make_batches(microbatches, fully_masked_microbatch=1), stats)
+        grads = {name: grad_of(p).clone() for name, p in global_names(model).items()}
+        results.append(dict(weights=weights, losses=losses, stats=stats.values, grads=grads))
+    return results
+
+
+def _parallel_run(cases, references, microbatches, optimizer_steps):
+    """Runs in every rank: same cases at this world's TP/PP, compared locally with the reference."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    out = []
+    for (mode, sp, tied), reference in zip(cases, references):
+        mtp = MTPConfig(num_layers=2, mode=mode, depth_weighting="harmonic")
+        config = transformer_config(mtp, tp=tp, pp=pp, sp=sp)
+        model = build_model(config, mtp, tied=tied)
+        load_full_state(model, _tied_aliases(reference["weights"], model))
+        model = wrap_ddp(model, config)
+        stats = MTPStats(2)
+        losses = train_step(model, config, make_batches(microbatches, fully_masked_microbatch=1), stats)
+        diffs = max_grad_diffs(model, _tied_aliases(reference["grads"], model))
+        result = dict(
+            last_stage=parallel_state.is_pipeline_last_stage(),
+            first_stage=parallel_state.is_pipeline_first_stage(),
+            mtp_params=sorted(name for name in global_names(model) if name.startswith("mtp.")),
+            losses=losses,
+            stats=stats.values,
+            grad_diffs=diffs,
+        )
+        if optimizer_steps:
+            optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1.0), [model])
+            for step in range(optimizer_steps):
+                if step:
+                    train_step(model, config, make_batches(microbatches, seed=step))
+                optimizer.step()
+            core = model.module
+            if hasattr(core, "embedding"):
+                result["embedding"] = core.embedding.word_embeddings.weight.detach().clone()
+            elif tied:
+                result["embedding"] = core.output_layer.weight.detach().clone()
+        out.append(result)
+    return out
+
+
+def _tied_aliases(tensors, model):
+    """A tied last stage holds the word embedding as ``output_layer.weight``; the reference has only one."""
+    names = global_names(model)
+    if "output_layer.weight" in names and "output_layer.weight" not in tensors:
+        tensors = dict(tensors, **{"output_layer.weight": tensors["embedding.word_embeddings.weight"]})
+    return tensors
+
+
+def _mean_losses(reports):
+    """Per-micro-batch mean LM loss from [loss sum, token count] reports (0 for a fully masked one)."""
+    sums, tokens = torch.stack(reports).unbind(dim=1)
+    return sums / tokens.clamp(min=1)
+
+
+def _check(rank_results, references, cases):
+    for case_index, (case, reference) in enumerate(zip(cases, references)):
+        mode, _, tied = case
+        for rank, results in enumerate(rank_results):
+            result = results[case_index]
+            bad = {name: diff for name, diff in result["grad_diffs"].items() if diff > 1e-5}
+            assert not bad, f"{case} rank {rank}: gradients differ from one process: {bad}"
+            if result["last_stage"]:
+                assert result["mtp_params"], f"{case} rank {rank}: last stage has no MTP parameters"
+                torch.testing.assert_close(_mean_losses(result["losses"]), _mean_losses(reference["losses"]), atol=1e-5, rtol=0)
+                torch.testing.assert_close(result["stats"], reference["stats"], atol=1e-4, rtol=0)
+            else:
+                assert not result["mtp_params"], f"{case} rank {rank}: MTP parameters off the last stage"
+                assert result["losses"] == []
+        if mode == "sequential" or tied:
+            firsts = [r[case_index] for r in rank_results if r[case_index]["first_stage"] and not r[case_index]["last_stage"]]
+            lasts = [r[case_index] for r in rank_results if r[case_index]["last_stage"] and not r[case_index]["first_stage"]]
+            for first, last in zip(firsts, lasts):  # ranks are ordered TP-fastest, so shards pair up
+                assert "embedding" in first and "embedding" in last, f"{case}: missing embedding copy"
+                torch.testing.assert_close(first["embedding"], last["embedding"], atol=0, rtol=0)
+
+
+def _run(cases, world, tp, pp, optimizer_steps=0):
+    references = _reference(cases, MICROBATCHES)
+    rank_results = run_world(_parallel_run, world, cases, references, MICROBATCHES, optimizer_steps, tp=tp, pp=pp)
+    _check(rank_results, references, cases)
+    return rank_results
+
+
+def test_tensor_parallel_with_and_without_sequence_parallel(single_process):
+    _run(TP_CASES, world=2, tp=2, pp=1)
+
+
+def test_pipeline_parallel_1f1b_and_embedding_copies_after_optimizer_steps(single_process):
+    rank_results = _run(PP_CASES, world=2, tp=1, pp=2, optimizer_steps=2)
+    for case_index, (mode, _, tied) in enumerate(PP_CASES):
+        has_copy = ["embedding" in rank_results[rank][case_index] for rank in range(2)]
+        assert has_copy == [True, mode == "sequential" or tied], (mode, tied, has_copy)
+
+
+def test_tensor_and_pipeline_parallel(single_process):
+    _run(TP_PP_CASES, world=4, tp=2, pp=2, optimizer_steps=1)

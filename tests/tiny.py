@@ -1,0 +1,202 @@
+"""Tiny GPT+MTP models, batches, a Megatron training step, and full<->sharded weight/grad mapping.
+
+The same code runs in the pytest process (the one-process reference) and in spawned ranks (TP/PP/EP),
+so a parallel run can be compared with the reference tensor by tensor.
+"""
+
+import re
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_mtp import cpu_bridge
+from megatron_mtp.config import MTPConfig
+from megatron_mtp.layers import get_mtp_block_spec
+from megatron_mtp.loss import MTPStats
+from megatron_mtp.model import MTPGPTModel
+
+VOCAB = 96
+SEQ = 16
+BATCH = 2
+HIDDEN = 32
+
+
+def transformer_config(
+    mtp: MTPConfig,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    sp: bool = False,
+    num_layers: int = 4,
+    num_experts: Optional[int] = None,
+    **overrides,
+) -> TransformerConfig:
+    moe = {}
+    if num_experts:
+        moe = dict(
+            num_moe_experts=num_experts,
+            moe_router_topk=2,
+            moe_token_dispatcher_type="allgather",
+            moe_grouped_gemm=False,
+            moe_ffn_hidden_size=48,
+            moe_aux_loss_coeff=0.0,
+            expert_model_parallel_size=ep,
+        )
+    return TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=HIDDEN,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        normalization="RMSNorm",
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sp,
+        pipeline_dtype=torch.float32,
+        mtp_num_layers=mtp.megatron_mtp_num_layers,
+        **moe,
+        **overrides,
+    )
+
+
+def decoder_spec(config: TransformerConfig):
+    """This stage's decoder block spec (local modules), with norms that accept sequence parallelism."""
+    return cpu_bridge.with_sequence_parallel_norms(get_gpt_decoder_block_spec(config, use_transformer_engine=False))
+
+
+def build_model(config: TransformerConfig, mtp: MTPConfig, tied: bool = False, position: str = "rope"):
+    spec = decoder_spec(config)
+    mtp_spec = cpu_bridge.with_sequence_parallel_norms(get_mtp_block_spec(spec, mtp)) if mtp.enabled else None
+    return MTPGPTModel(
+        config,
+        spec,
+        VOCAB,
+        SEQ,
+        mtp_config=mtp,
+        mtp_block_spec=mtp_spec,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=tied,
+        position_embedding_type=position,
+    )
+
+
+def wrap_ddp(model, config):
+    ddp = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False),
+        module=model,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    return ddp
+
+
+def make_batches(num_microbatches: int, seed: int = 0, fully_masked_microbatch: Optional[int] = None) -> List[dict]:
+    """Random tokens; labels are tokens shifted by one; some tail positions masked out."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for index in range(num_microbatches):
+        stream = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=generator)
+        loss_mask = torch.ones(BATCH, SEQ)
+        loss_mask[0, SEQ - 3 :] = 0
+        loss_mask[1, 5] = 0
+        if index == fully_masked_microbatch:
+            loss_mask.zero_()
+        batches.append(
+            dict(
+                tokens=stream[:, :-1].contiguous(),
+                labels=stream[:, 1:].contiguous(),
+                loss_mask=loss_mask,
+                position_ids=torch.arange(SEQ).expand(BATCH, SEQ).contiguous(),
+                attention_mask=torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).triu(1),
+            )
+        )
+    return batches
+
+
+def train_step(model, config, batches: List[dict], stats: Optional[MTPStats] = None, mtp_step=None):
+    """One Megatron forward/backward over the micro-batches (1F1B under PP). Returns per-micro-batch LM loss."""
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(
+            batch["tokens"],
+            batch["position_ids"],
+            batch["attention_mask"],
+            labels=batch["labels"],
+            loss_mask=batch["loss_mask"],
+            mtp_stats=stats,
+            mtp_step=mtp_step,
+        )
+
+        def loss_func(per_token_loss):
+            mask = batch["loss_mask"].float()
+            loss_sum = (per_token_loss.float() * mask).sum()
+            tokens = mask.sum().to(torch.int)
+            return loss_sum, tokens, {"lm loss": torch.stack((loss_sum.detach(), mask.sum()))}
+
+        return output, loss_func
+
+    model.zero_grad_buffer()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=len(batches),
+        seq_length=SEQ,
+        micro_batch_size=BATCH,
+        forward_only=False,
+    )
+    return [report["lm loss"] for report in reports]
+
+
+_DECODER_LAYER = re.compile(r"^(module\.)?decoder\.layers\.(\d+)\.")
+
+
+def global_names(model) -> Dict[str, torch.nn.Parameter]:
+    """Parameters by the name they have in a one-stage model (decoder layer indices made global)."""
+    core = model.module if hasattr(model, "module") else model
+    names = {}
+    for name, param in core.named_parameters():
+        match = _DECODER_LAYER.match(name)
+        if match:
+            layer = core.decoder.layers[int(match.group(2))]
+            name = f"decoder.layers.{layer.layer_number - 1}." + name[match.end() :]
+        names[name] = param
+    return names
+
+
+def local_shard(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a full (TP=1) tensor, following Megatron's partition attributes."""
+    if param.shape == full.shape:
+        return full
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    return full.chunk(tp_size, dim=param.partition_dim)[parallel_state.get_tensor_model_parallel_rank()]
+
+
+def load_full_state(model, full: Dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, param in global_names(model).items():
+            param.copy_(local_shard(param, full[name]))
+
+
+def grad_of(param) -> torch.Tensor:
+    return param.main_grad if hasattr(param, "main_grad") else param.grad
+
+
+def max_grad_diffs(model, full_grads: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """|local grad - matching slice of the reference grad|, max per parameter."""
+    return {
+        name: (grad_of(param) - local_shard(param, full_grads[name])).abs().max().item()
+        for name, param in global_names(model).items()
+    }

@@ -1,0 +1,54 @@
+"""Sequential MTP gives Megatron-Core's own MTP numbers for the same weights (copied across by name)."""
+
+import pytest
+import torch
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+from megatron_mtp.config import MTPConfig
+from megatron_mtp.layers import get_mtp_block_spec
+from megatron_mtp.loss import MTPStats
+from megatron_mtp.model import MTPGPTModel
+from tiny import SEQ, VOCAB, make_batches, transformer_config
+
+
+@pytest.mark.parametrize("depths", [1, 2])
+@pytest.mark.parametrize("position", ["rope", "learned_absolute"])
+def test_sequential_mode_matches_megatron_core(single_process, depths, position):
+    mtp = MTPConfig(num_layers=depths)
+    config = transformer_config(mtp, num_layers=2)
+    spec = get_gpt_layer_local_spec()
+    reference = GPTModel(
+        config, spec, VOCAB, SEQ, position_embedding_type=position,
+        mtp_block_spec=get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False),
+    )
+    ours = MTPGPTModel(
+        config, spec, VOCAB, SEQ, mtp_config=mtp, mtp_block_spec=get_mtp_block_spec(spec, mtp),
+        position_embedding_type=position,
+    )
+    ours.load_state_dict(reference.state_dict(), strict=True)
+
+    batch = make_batches(1, seed=3)[0]
+    inputs = (batch["tokens"], batch["position_ids"], batch["attention_mask"])
+    mask = batch["loss_mask"]
+
+    MTPLossLoggingHelper.tracker.clear()
+    reference_loss = reference(*inputs, labels=batch["labels"], loss_mask=mask)
+    ((reference_loss * mask).sum() / mask.sum()).backward()
+    reference_depth_losses = MTPLossLoggingHelper.tracker["values"].clone()
+    MTPLossLoggingHelper.tracker.clear()
+
+    stats = MTPStats(depths)
+    our_loss = ours(*inputs, labels=batch["labels"], loss_mask=mask, mtp_stats=stats)
+    ((our_loss * mask).sum() / mask.sum()).backward()
+
+    torch.testing.assert_close(our_loss, reference_loss, atol=1e-5, rtol=0)
+    summary = stats.summary()
+    our_depth_losses = torch.tensor([summary[f"mtp_{k}_loss"] for k in range(1, depths + 1)])
+    torch.testing.assert_close(our_depth_losses, reference_depth_losses, atol=1e-5, rtol=0)
+    reference_grads = dict(reference.named_parameters())
+    for name, param in ours.named_parameters():
+        assert param.grad is not None, name
+        torch.testing.assert_close(param.grad, reference_grads[name].grad, atol=1e-5, rtol=0, msg=name)
