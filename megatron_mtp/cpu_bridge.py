@@ -10,6 +10,7 @@ tracker, streams and ``torch.cuda.synchronize()``. Rather than patching each cal
   ``.cuda()``, ``.to("cuda")``) to the CPU, and names CPU tensors' types as CUDA types;
 * makes ``torch.cuda.synchronize/empty_cache`` and the stream API harmless;
 * replaces the model-parallel RNG tracker with one that forks the CPU generator;
+* defines ``moe_utils.te_general_gemm`` (None) that the MoE router uses unguarded without TE;
 * offers :class:`SequenceParallelNorm` and :func:`with_sequence_parallel_norms` because Megatron's
   torch norm refuses sequence parallelism (TE or apex provide that norm on GPU).
 
@@ -24,6 +25,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from megatron.core.tensor_parallel import random as mcore_random
+from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 _state = threading.local()
@@ -124,6 +126,8 @@ def enable() -> None:
         mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
         mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
         mcore_random.initialize_rng_tracker = _keep_cpu_rng_tracker
+        if not hasattr(moe_utils, "te_general_gemm"):  # referenced unguarded by the router without TE
+            moe_utils.te_general_gemm = None
         _enabled = True
     if not getattr(_state, "mode", None):
         _state.mode = _CudaToCpu()

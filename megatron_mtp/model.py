@@ -189,7 +189,7 @@ class MTPGPTModel(GPTModel):
         main_predictions = None if mtp_stats is None else vocab_parallel_argmax(logits, self.output_layer.tp_group).t()
         result = mtp_loss(
             depth_hidden_states,
-            OutputHead(self.output_layer, output_weight, self.compute_language_model_loss),
+            OutputHead(self.output_layer, output_weight, self.compute_language_model_loss, self.output_layer.tp_group),
             labels,
             loss_mask,
             main_predictions,

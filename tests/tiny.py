@@ -46,6 +46,7 @@ def transformer_config(
             moe_grouped_gemm=False,
             moe_ffn_hidden_size=48,
             moe_aux_loss_coeff=0.0,
+            add_bias_linear=False,  # as MoE models are trained; expert biases hit an in-place-on-view path
             expert_model_parallel_size=ep,
         )
     return TransformerConfig(
@@ -160,18 +161,24 @@ def train_step(model, config, batches: List[dict], stats: Optional[MTPStats] = N
     return [report["lm loss"] for report in reports]
 
 
-_DECODER_LAYER = re.compile(r"^(module\.)?decoder\.layers\.(\d+)\.")
+_DECODER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 
 def global_names(model) -> Dict[str, torch.nn.Parameter]:
-    """Parameters by the name they have in a one-stage model (decoder layer indices made global)."""
+    """Parameters by the name they have in a one-process model (decoder layers and experts made global)."""
     core = model.module if hasattr(model, "module") else model
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
     names = {}
     for name, param in core.named_parameters():
         match = _DECODER_LAYER.match(name)
         if match:
-            layer = core.decoder.layers[int(match.group(2))]
+            layer = core.decoder.layers[int(match.group(1))]
             name = f"decoder.layers.{layer.layer_number - 1}." + name[match.end() :]
+        match = _LOCAL_EXPERT.search(name)
+        if match:
+            expert = ep_rank * core.config.num_moe_experts // core.config.expert_model_parallel_size + int(match.group(1))
+            name = f"{name[: match.start()]}.local_experts.{expert}.{name[match.end() :]}"
         names[name] = param
     return names
 

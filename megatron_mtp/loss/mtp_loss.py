@@ -24,6 +24,7 @@ class OutputHead(NamedTuple):
     output_layer: torch.nn.Module  # ColumnParallelLinear: [s, b, h] -> [s, b, V/tp]
     weight: Optional[torch.Tensor]  # the word-embedding weight when tied, else None
     cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (labels [b, s], logits) -> [b, s]
+    tp_group: Optional[torch.distributed.ProcessGroup] = None  # the vocabulary is split over this group
 
 
 class DepthLoss(NamedTuple):
@@ -51,7 +52,7 @@ def plain_depth_loss(
     stats = torch.zeros(4, device=loss_sum.device)
     if main_predictions is not None:
         with torch.no_grad():
-            predictions = vocab_parallel_argmax(logits, head.output_layer.tp_group).t()  # [b, s]
+            predictions = vocab_parallel_argmax(logits, head.tp_group).t()  # [b, s]
             valid = loss_mask > 0
             stats = torch.stack(
                 (
