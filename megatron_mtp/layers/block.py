@@ -70,3 +70,11 @@ class MTPBlock(MegatronModule):
             previous = layer(previous, token_embeddings, attention_mask, **rotary)
             outputs.append(previous)
         return outputs
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        # Each layer describes its own TP sharding; Megatron's fallback for the plain ModuleList would mark
+        # every tensor inside as replicated and save TP rank 0's shards as if they were whole tensors.
+        state = {}
+        for index, layer in enumerate(self.layers):
+            state.update(layer.sharded_state_dict(f"{prefix}layers.{index}.", sharded_offsets, metadata))
+        return state
