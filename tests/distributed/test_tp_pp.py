@@ -85,6 +85,7 @@ def _parallel_run(cases, references, microbatches, optimizer_steps):
             optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1.0), [model])
             for step in range(optimizer_steps):
                 if step:
+                    optimizer.zero_grad()
                     train_step(model, config, make_batches(microbatches, seed=step))
                 optimizer.step()
             core = model.module

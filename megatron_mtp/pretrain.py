@@ -1,0 +1,226 @@
+"""Pretrain a GPT with multi-token prediction on Megatron-Core.
+
+One process (the embedded demo: the Python standard library's source, byte-level, on CPU):
+    python -m megatron_mtp.pretrain
+Several processes, e.g. TP=2 on one machine:
+    torchrun --nproc-per-node 2 -m megatron_mtp.pretrain --tensor-model-parallel-size 2
+Multi-node: examples/slurm/. All flags: --help.
+"""
+
+import math
+import sys
+import time
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_mtp.data.datasets import MicroBatchIterator, build_gpt_datasets
+from megatron_mtp.data.stdlib_corpus import prepare_stdlib_corpus
+from megatron_mtp.data.tokenizers import build_tokenizer
+from megatron_mtp.loss import MTPStats
+from megatron_mtp.training.arguments import parse_args
+from megatron_mtp.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_mtp.training.metrics_log import MetricsLog, memory_gb
+from megatron_mtp.training.setup import (
+    build_model,
+    build_optimizer,
+    init_distributed,
+    padded_vocab_size,
+    transformer_config,
+)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    runtime = init_distributed(args)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    vocab_size = padded_vocab_size(tokenizer.vocab_size, args)
+    config = transformer_config(args, runtime)
+    model = build_model(args, runtime, config, vocab_size)
+    optimizer, scheduler = build_optimizer(args, runtime, model)
+    signature = model_signature(args, vocab_size)
+
+    iteration, consumed_samples = 0, 0
+    if args.load:
+        iteration, train_state = load_checkpoint(args.load, model.module, optimizer, scheduler, signature)
+        consumed_samples = train_state["consumed_samples"]
+        _print(f"resumed from {args.load} at iteration {iteration} ({consumed_samples} samples consumed)")
+
+    data_path = args.data_path or [prepare_stdlib_corpus(args.data_cache_dir, tokenizer)]
+    evaluations = (args.train_iters // args.eval_interval if args.eval_interval else 0) + 1
+    eval_samples = evaluations * args.eval_iters * runtime.global_batch_size
+    train_set, valid_set, _ = build_gpt_datasets(
+        data_path, args.split, args.seq_length, tokenizer, args.seed,
+        (args.train_iters * runtime.global_batch_size, eval_samples, 0), args.data_cache_dir,
+    )
+    dp_rank = parallel_state.get_data_parallel_rank()
+    train_batches = MicroBatchIterator(train_set, consumed_samples, args.micro_batch_size, dp_rank, runtime.data_parallel_size)
+    log = MetricsLog(args.train_iters, args.tensorboard_dir, args.json_log) if dist.get_rank() == dist.get_world_size() - 1 else None
+    device = torch.device(runtime.device, torch.cuda.current_device()) if runtime.device == "cuda" else torch.device("cpu")
+    _print(
+        f"training {sum(p.numel() for p in model.parameters()):,} parameters on this rank, "
+        f"MTP {args.mtp_config.mode} D={args.mtp_config.num_layers}, world {dist.get_world_size()} "
+        f"(TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}, DP {runtime.data_parallel_size}), "
+        f"{runtime.global_batch_size} samples x {args.seq_length} tokens per step, data {' '.join(data_path)}"
+    )
+
+    if args.skip_train:
+        evaluate(model, valid_set, runtime, args, device, log, iteration)
+        _finish(log)
+        return
+
+    last_saved = iteration if args.load else None
+    window_start, window_iters = time.time(), 0
+    while iteration < args.train_iters:
+        model.train()
+        stats = MTPStats(args.mtp_config.num_layers)
+        # After a step the optimizer leaves param.grad aliasing DDP's main_grad; unset it or the next backward
+        # accumulates every gradient twice.
+        optimizer.zero_grad()
+        reports = run_microbatches(model, train_batches, runtime, args, device, stats, iteration, forward_only=False)
+        success, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=runtime.global_batch_size)
+        consumed_samples += runtime.global_batch_size
+        iteration += 1
+        window_iters += 1
+        metrics = reduce_metrics(reports, stats, device)
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            if runtime.device == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.time() - window_start
+            if log is not None:
+                metrics.update(
+                    lr=scheduler.get_lr(optimizer.param_groups[0]),
+                    grad_norm=float(grad_norm or 0.0),
+                    seconds_per_iter=elapsed / window_iters,
+                    tokens_per_s=window_iters * runtime.global_batch_size * args.seq_length / elapsed,
+                    memory_gb=memory_gb(runtime.device),
+                )
+                if not success:
+                    print(f"iteration {iteration}: optimizer step skipped (non-finite gradients)", flush=True)
+                log.log(iteration, metrics)
+            window_start, window_iters = time.time(), 0
+        evaluating = args.eval_interval and valid_set is not None and iteration % args.eval_interval == 0
+        saving = args.save and args.save_interval and iteration % args.save_interval == 0
+        if evaluating:
+            evaluate(model, valid_set, runtime, args, device, log, iteration)
+        if saving:
+            save(args, iteration, model, optimizer, scheduler, consumed_samples, signature)
+            last_saved = iteration
+        if evaluating or saving:  # keep throughput to training steps
+            window_start, window_iters = time.time(), 0
+    if args.save and last_saved != iteration:
+        save(args, iteration, model, optimizer, scheduler, consumed_samples, signature)
+    _finish(log)
+
+
+def _finish(log: Optional[MetricsLog]) -> None:
+    if log is not None:
+        log.close()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_microbatches(model, batches: Iterator[Dict], runtime, args, device, stats, step: int, forward_only: bool):
+    """One schedule over ``runtime.num_microbatches`` micro-batches; returns the last stage's loss reports."""
+
+    def forward_step(data_iterator, model):
+        batch = {name: tensor.to(device) for name, tensor in next(data_iterator).items()}
+        output = model(
+            batch["tokens"],
+            batch["position_ids"],
+            batch["attention_mask"],
+            labels=batch["labels"],
+            loss_mask=batch["loss_mask"],
+            mtp_stats=stats,
+            mtp_step=step,
+            compute_mtp=True,
+        )
+
+        def loss_func(per_token_loss):
+            mask = batch["loss_mask"].float()
+            loss_sum = (per_token_loss.float() * mask).sum()
+            return loss_sum, mask.sum().to(torch.int), {"lm loss": torch.stack((loss_sum.detach(), mask.sum()))}
+
+        return output, loss_func
+
+    if not forward_only:
+        model.zero_grad_buffer()
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=batches,
+        model=[model],
+        num_microbatches=runtime.num_microbatches,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def reduce_metrics(reports: List[Dict], stats: MTPStats, device) -> Dict[str, float]:
+    """LM loss and MTP metrics summed over micro-batches and data-parallel ranks (last stage only)."""
+    if not parallel_state.is_pipeline_last_stage():
+        return {}
+    totals = torch.stack([r["lm loss"] for r in reports]).sum(0).to(torch.float64).to(device)
+    group = parallel_state.get_data_parallel_group()
+    dist.all_reduce(totals, group=group)
+    stats.all_reduce(group)
+    return dict(lm_loss=(totals[0] / totals[1].clamp(min=1)).item(), **stats.summary())
+
+
+@torch.no_grad()
+def evaluate(model, valid_set, runtime, args, device, log, iteration: int) -> None:
+    model.eval()
+    batches = MicroBatchIterator(
+        valid_set, 0, args.micro_batch_size, parallel_state.get_data_parallel_rank(), runtime.data_parallel_size
+    )
+    reports, stats = [], MTPStats(args.mtp_config.num_layers)
+    for _ in range(args.eval_iters):
+        reports += run_microbatches(model, batches, runtime, args, device, stats, iteration, forward_only=True)
+    metrics = reduce_metrics(reports, stats, device)
+    if log is not None:
+        metrics["lm_ppl"] = math.exp(min(metrics["lm_loss"], 50.0))
+        log.log(iteration, metrics, prefix="validation/")
+    model.train()
+
+
+def save(args, iteration, model, optimizer, scheduler, consumed_samples, signature) -> None:
+    start = time.time()
+    directory = save_checkpoint(
+        args.save, iteration, model.module, optimizer, scheduler, {"consumed_samples": consumed_samples}, signature
+    )
+    _print(f"saved checkpoint at iteration {iteration} to {directory} ({time.time() - start:.1f} s)")
+
+
+def model_signature(args, vocab_size: int) -> Dict:
+    """What a checkpoint must match to be loaded into this run (shapes and MTP structure)."""
+    return dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        padded_vocab_size=vocab_size,
+        position_embedding_type=args.position_embedding_type,
+        max_position_embeddings=args.max_position_embeddings if args.position_embedding_type == "learned_absolute" else None,
+        normalization=args.normalization,
+        swiglu=args.swiglu,
+        bias_linear=not args.disable_bias_linear,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        num_experts=args.num_experts,
+        mtp_num_layers=args.mtp_config.num_layers,
+        mtp_mode=args.mtp_config.mode,
+    )
+
+
+def _print(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

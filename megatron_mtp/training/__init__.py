@@ -1,0 +1,1 @@
+"""The pretrain script's pieces: flags, process groups and model setup, checkpointing, metrics."""

@@ -1,0 +1,205 @@
+"""Build what a training run needs from its flags: process groups, the model, DDP, optimizer, LR schedule."""
+
+import argparse
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_mtp import cpu_bridge
+from megatron_mtp.layers import get_mtp_block_spec
+from megatron_mtp.model import MTPGPTModel
+
+
+@dataclass
+class Runtime:
+    device: str  # "cpu" or "cuda"
+    bf16: bool
+    data_parallel_size: int
+    num_microbatches: int
+    global_batch_size: int
+
+
+def init_distributed(args: argparse.Namespace) -> Runtime:
+    """Join the torchrun world (or a one-process world), set Megatron's parallel state, seed."""
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available")
+    if "RANK" not in os.environ:  # plain `python`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        cpu_bridge.enable()
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    world = dist.get_world_size()
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    if world % model_parallel:
+        raise ValueError(
+            f"world size {world} is not divisible by --tensor-model-parallel-size x --pipeline-model-parallel-size "
+            f"= {model_parallel}"
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+    )
+    if device == "cuda":
+        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+        torch.manual_seed(args.seed)
+    else:
+        cpu_bridge.manual_seed(args.seed)
+    data_parallel = parallel_state.get_data_parallel_world_size()
+    global_batch = args.global_batch_size or args.micro_batch_size * data_parallel
+    if global_batch % (args.micro_batch_size * data_parallel):
+        raise ValueError(
+            f"--global-batch-size {global_batch} must be a multiple of --micro-batch-size x data-parallel size "
+            f"({args.micro_batch_size} x {data_parallel})"
+        )
+    bf16 = args.bf16 if args.bf16 is not None else (device == "cuda" and not args.fp32)
+    return Runtime(device, bool(bf16), data_parallel, global_batch // (args.micro_batch_size * data_parallel), global_batch)
+
+
+def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
+    """Pad to a multiple of --make-vocab-size-divisible-by (raised to a multiple of TP if needed).
+
+    Megatron-LM multiplies the multiple by the TP size, which makes the embedding's shape depend on TP; here
+    the shape stays the same across TP sizes that divide it, so checkpoints move between them.
+    """
+    multiple = math.lcm(args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(args: argparse.Namespace, runtime: Runtime) -> TransformerConfig:
+    dtype = torch.bfloat16 if runtime.bf16 else torch.float32
+    moe = {}
+    if args.num_experts:
+        moe = dict(
+            num_moe_experts=args.num_experts,
+            moe_router_topk=args.moe_router_topk,
+            moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size,
+            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+            moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            moe_grouped_gemm=False,
+        )
+    return TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        normalization=args.normalization,
+        gated_linear_unit=args.swiglu,
+        activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
+        add_bias_linear=not args.disable_bias_linear,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        bf16=runtime.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=runtime.device == "cpu",
+        gradient_accumulation_fusion=False,
+        mtp_num_layers=args.mtp_config.megatron_mtp_num_layers,
+        mtp_loss_scaling_factor=args.mtp_config.loss_scaling_factor,
+        **moe,
+    )
+
+
+def build_model(args: argparse.Namespace, runtime: Runtime, config: TransformerConfig, vocab_size: int):
+    """This rank's MTPGPTModel stage, wrapped in Megatron-Core DDP."""
+    use_te = runtime.device == "cuda" and _have_transformer_engine()
+    block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
+    mtp_spec = get_mtp_block_spec(block_spec, args.mtp_config, use_transformer_engine=use_te) if args.mtp_config.enabled else None
+    if not use_te:
+        block_spec = cpu_bridge.with_sequence_parallel_norms(block_spec)
+        mtp_spec = cpu_bridge.with_sequence_parallel_norms(mtp_spec)
+    model = MTPGPTModel(
+        config,
+        block_spec,
+        vocab_size,
+        args.max_position_embeddings,
+        mtp_config=args.mtp_config,
+        mtp_block_spec=mtp_spec,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+    )
+    if runtime.device == "cuda":
+        model.cuda(torch.cuda.current_device())
+    ddp = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=runtime.bf16,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        ),
+        module=model,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    return ddp
+
+
+def build_optimizer(args: argparse.Namespace, runtime: Runtime, model):
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=args.lr,
+            min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            clip_grad=args.clip_grad,
+            bf16=runtime.bf16,
+            params_dtype=torch.bfloat16 if runtime.bf16 else torch.float32,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        ),
+        [model],
+    )
+    samples = runtime.global_batch_size
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * samples,
+        lr_decay_steps=args.lr_decay_iters * samples,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * samples,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def _have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

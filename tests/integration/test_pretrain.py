@@ -1,0 +1,165 @@
+"""The pretrain script end to end on CPU: multi-process runs, resume after a kill, checkpoints across
+TP/PP, atomic saves, and clear errors for bad data and checkpoints."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+    "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "2",
+    "--log-interval", "1", "--eval-interval", "0", "--mtp-num-layers", "2", "--split", "60,40,0",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A small indexed dataset made from a few standard-library modules."""
+    import json as json_module
+
+    root = tmp_path_factory.mktemp("data")
+    sources = [os.path.join(os.path.dirname(json_module.__file__), name) for name in ("decoder.py", "encoder.py", "scanner.py")]
+    sources += [shutil.__file__, subprocess.__file__]
+    for source in sources:
+        shutil.copy(source, root / (os.path.basename(source) + ".txt"))
+    prefix = str(root / "tiny")
+    subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", *map(str, root.glob("*.txt")),
+         "--output-prefix", prefix],
+        check=True, capture_output=True,
+    )
+    return dict(prefix=prefix, cache=str(root / "cache"))
+
+
+def _command(nproc, args, script=None):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
+    target = [script] if script else ["-m", "megatron_mtp.pretrain"]
+    return launcher + target + TINY + list(args)
+
+
+def run(nproc, args, data, check=True, script=None, env=None, timeout=600):
+    args = ["--data-path", data["prefix"], "--data-cache-dir", data["cache"], *args]
+    result = subprocess.run(
+        _command(nproc, args, script), capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"pretrain failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def read_log(path, split="train"):
+    with open(path) as f:
+        return {r["iteration"]: r for r in map(json.loads, f) if r["split"] == split}
+
+
+@pytest.mark.parametrize("parallel", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]])
+def test_two_process_run_trains_and_saves(tiny_data, tmp_path, parallel):
+    save = tmp_path / "ckpt"
+    out = run(2, [*parallel, "--train-iters", "4", "--save", str(save), "--save-interval", "2",
+                  "--json-log", str(tmp_path / "log.jsonl"), "--tensorboard-dir", str(tmp_path / "tb")], tiny_data)
+    assert "iteration 4/4 | lm loss" in out.stdout and "mtp_2 loss" in out.stdout
+    assert f"saved checkpoint at iteration 4 to {save}/iter_0000004" in out.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert sorted(p.name for p in save.iterdir() if p.name.startswith("iter_")) == ["iter_0000002", "iter_0000004"]
+    log = read_log(tmp_path / "log.jsonl")
+    assert sorted(log) == [1, 2, 3, 4]
+    assert all(0 < log[i]["mtp_1_loss"] < 10 and 0 <= log[i]["mtp_2_acc"] <= 1 for i in log)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
+
+
+def _kill_tree(pid):
+    """SIGKILL a launcher and every process under it (torchrun starts workers in their own sessions)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for process in [*parent.children(recursive=True), parent]:
+        process.kill()
+
+
+def test_resume_after_kill_is_bit_exact(tiny_data, tmp_path):
+    common = ["--tensor-model-parallel-size", "2", "--train-iters", "12"]
+    run(2, [*common, "--json-log", str(tmp_path / "straight.jsonl")], tiny_data)
+
+    save = tmp_path / "ckpt"
+    args = ["--data-path", tiny_data["prefix"], "--data-cache-dir", tiny_data["cache"], *common,
+            "--save", str(save), "--save-interval", "4", "--json-log", str(tmp_path / "killed.jsonl")]
+    job = subprocess.Popen(_command(2, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in job.stdout:
+        if "saved checkpoint at iteration 4" in line:
+            _kill_tree(job.pid)
+            break
+    job.wait(timeout=60)
+    assert job.returncode != 0, "the job should have been killed"
+    killed_at = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert killed_at in (4, 8) and "iteration 12/12" not in (tmp_path / "killed.jsonl").read_text()
+
+    out = run(2, [*common, "--load", str(save), "--save", str(save), "--json-log", str(tmp_path / "resumed.jsonl")], tiny_data)
+    assert f"at iteration {killed_at} ({killed_at * 4} samples consumed)" in out.stdout
+    straight, resumed = read_log(tmp_path / "straight.jsonl"), read_log(tmp_path / "resumed.jsonl")
+    assert sorted(resumed) == list(range(killed_at + 1, 13))
+    keys = [k for k in straight[12] if k == "lm_loss" or k.startswith("mtp_")]
+    for iteration in resumed:
+        assert {k: resumed[iteration][k] for k in keys} == {k: straight[iteration][k] for k in keys}, iteration
+
+
+def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2_with_the_same_loss(tiny_data, tmp_path):
+    save = tmp_path / "ckpt"
+    run(2, ["--tensor-model-parallel-size", "2", "--train-iters", "3", "--save", str(save)], tiny_data)
+    losses = {}
+    for name, nproc, parallel in [("tp2", 2, ["--tensor-model-parallel-size", "2"]), ("tp1", 1, []),
+                                  ("pp2", 2, ["--pipeline-model-parallel-size", "2"])]:
+        log = tmp_path / f"{name}.jsonl"
+        run(nproc, [*parallel, "--train-iters", "3", "--load", str(save), "--skip-train", "--eval-iters", "2",
+                    "--json-log", str(log)], tiny_data)
+        losses[name] = read_log(log, split="validation")[3]
+    for name in ("tp1", "pp2"):
+        for key in ("lm_loss", "mtp_1_loss", "mtp_2_loss"):
+            assert losses[name][key] == pytest.approx(losses["tp2"][key], abs=1e-5), (name, key)
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(tiny_data, tmp_path):
+    save = tmp_path / "ckpt"
+    killed = run(1, ["--train-iters", "4", "--save", str(save), "--save-interval", "2"], tiny_data, check=False,
+                 script=os.path.join(REPO, "tests", "integration", "kill_during_save.py"), env={"KILL_AT_ITERATION": "4"})
+    assert killed.returncode != 0
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert (save / "iter_0000004.partial").is_dir() and not (save / "iter_0000004").exists()
+    out = run(1, ["--train-iters", "4", "--load", str(save), "--save", str(save)], tiny_data)
+    assert "at iteration 2" in out.stdout and "saved checkpoint at iteration 4" in out.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert not (save / "iter_0000004.partial").exists()
+
+
+def test_bad_data_and_checkpoints_fail_clearly(tiny_data, tmp_path):
+    missing = run(1, ["--train-iters", "1", "--data-path", str(tmp_path / "nope")], tiny_data, check=False)
+    assert missing.returncode != 0 and "--data-path" in missing.stderr and "nope" in missing.stderr
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copy(tiny_data["prefix"] + ".bin", str(corrupt) + ".bin")
+    with open(tiny_data["prefix"] + ".idx", "rb") as f:
+        head = f.read(20)
+    with open(str(corrupt) + ".idx", "wb") as f:
+        f.write(head)
+    bad_index = run(1, ["--train-iters", "1", "--data-path", str(corrupt)], tiny_data, check=False)
+    assert bad_index.returncode != 0 and "corrupt.idx" in bad_index.stderr
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_checkpoint = run(1, ["--train-iters", "1", "--load", str(empty)], tiny_data, check=False)
+    assert no_checkpoint.returncode != 0 and f"--load {empty}: no checkpoint there" in no_checkpoint.stderr
+
+    save = tmp_path / "ckpt"
+    run(1, ["--train-iters", "1", "--save", str(save)], tiny_data)
+    shape = run(1, ["--train-iters", "2", "--load", str(save), "--hidden-size", "32"], tiny_data, check=False)
+    assert shape.returncode != 0 and "saved for a different model" in shape.stderr and "hidden_size: checkpoint 64, this run 32" in shape.stderr
+    mode = run(1, ["--train-iters", "2", "--load", str(save), "--mtp-mode", "parallel"], tiny_data, check=False)
+    assert mode.returncode != 0 and "mtp_mode: checkpoint 'sequential', this run 'parallel'" in mode.stderr

@@ -1,0 +1,80 @@
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from megatron_mtp.arguments import add_mtp_args, mtp_config_from_args
+from megatron_mtp.training.arguments import parse_args
+
+
+def _parse(argv, parser=None):
+    parser = add_mtp_args(parser or argparse.ArgumentParser(prog="train"))
+    return mtp_config_from_args(parser.parse_args(argv), parser)
+
+
+def test_flags_build_the_mtp_config():
+    config = _parse(
+        ["--mtp-num-layers", "3", "--mtp-mode", "parallel", "--mtp-loss-scaling-factor", "0.3",
+         "--mtp-depth-weighting", "geometric", "--mtp-geometric-gamma", "0.8", "--mtp-loss-scaling-schedule", "100:0.1,200:0.05"]
+    )
+    assert (config.num_layers, config.mode, config.loss_scaling_factor) == (3, "parallel", 0.3)
+    assert (config.depth_weighting, config.geometric_gamma) == ("geometric", 0.8)
+    assert config.loss_scaling_schedule == ((100, 0.1), (200, 0.05))
+
+
+def test_megatron_lm_defaults_and_no_mtp_by_default():
+    config = _parse([])
+    assert (config.num_layers, config.loss_scaling_factor, config.enabled) == (0, 0.1, False)
+
+
+def test_works_as_extra_args_provider_on_a_parser_that_has_megatrons_flags():
+    parser = argparse.ArgumentParser(prog="megatron")
+    parser.add_argument("--mtp-num-layers", type=int, default=None)
+    parser.add_argument("--mtp-loss-scaling-factor", type=float, default=0.1)
+    config = _parse(["--mtp-num-layers", "1", "--mtp-mode", "sequential"], parser)
+    assert config.num_layers == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--mtp-mode", "parallel"], "--mtp-mode parallel needs --mtp-num-layers >= 1"),
+        (["--mtp-num-layers", "1", "--mtp-geometric-gamma", "0.5"], "--mtp-geometric-gamma only applies with --mtp-depth-weighting geometric"),
+        (["--mtp-loss-scaling-schedule", "10:0.1"], "--mtp-loss-scaling-schedule needs --mtp-num-layers >= 1"),
+        (["--mtp-num-layers", "1", "--mtp-loss-scaling-factor", "-1"], "--mtp-loss-scaling-factor must be a finite number >= 0"),
+        (["--mtp-num-layers", "1", "--mtp-loss-scaling-schedule", "10=0.1"], "expected STEP:LAMBDA"),
+        (["--mtp-num-layers", "-2"], "--mtp-num-layers must be >= 0"),
+    ],
+)
+def test_contradictory_flags_fail_at_parse_time_naming_the_flags(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        _parse(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+        (["--mtp-num-layers", "8", "--seq-length", "8"], "--mtp-num-layers 8 must be smaller than --seq-length 8"),
+        (["--tokenizer-type", "HuggingFace"], "needs --tokenizer-model"),
+        (["--save-interval", "5"], "--save-interval needs --save DIR"),
+        (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], "must be divisible by --pipeline-model-parallel-size"),
+        (["--data-path", "0.5", "a", "b"], "WEIGHT PREFIX pairs"),
+    ],
+)
+def test_pretrain_flag_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_pretrain_help_explains_the_mtp_flags():
+    out = subprocess.run(
+        [sys.executable, "-m", "megatron_mtp.pretrain", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in ("--mtp-num-layers", "--mtp-loss-scaling-factor", "--mtp-mode", "--mtp-depth-weighting",
+                 "--mtp-loss-scaling-schedule", "--tensor-model-parallel-size", "--data-path", "--save"):
+        assert flag in out
+    assert "Depth k predicts token t+k+1" in " ".join(out.split())
