@@ -73,6 +73,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         _finish(log)
         return
 
+    if args.eval_interval and iteration == 0:  # the untrained model, the reference for every later value
+        evaluate(model, valid_set, runtime, args, device, log, iteration)
     last_saved = iteration if args.load else None
     window_start, window_iters = time.time(), 0
     while iteration < args.train_iters:

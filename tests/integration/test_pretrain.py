@@ -128,9 +128,20 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2_with_the_same_loss(tiny_da
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tiny_data, tmp_path):
     save = tmp_path / "ckpt"
-    killed = run(1, ["--train-iters", "4", "--save", str(save), "--save-interval", "2"], tiny_data, check=False,
-                 script=os.path.join(REPO, "tests", "integration", "kill_during_save.py"), env={"KILL_AT_ITERATION": "4"})
-    assert killed.returncode != 0
+    args = ["--data-path", tiny_data["prefix"], "--data-cache-dir", tiny_data["cache"], *TINY,
+            "--train-iters", "4", "--save", str(save), "--save-interval", "2"]
+    with open(tmp_path / "killed.log", "w") as output:
+        # Own session, output to a file: the checkpoint writer's helper process outlives the killed trainer.
+        job = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "integration", "kill_during_save.py"), *args],
+                               stdout=output, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                               env={**os.environ, "KILL_AT_ITERATION": "4"})
+        try:
+            assert job.wait(timeout=300) == -9, (tmp_path / "killed.log").read_text()[-3000:]
+        finally:
+            try:
+                os.killpg(job.pid, 9)
+            except ProcessLookupError:
+                pass
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert (save / "iter_0000004.partial").is_dir() and not (save / "iter_0000004").exists()
     out = run(1, ["--train-iters", "4", "--load", str(save), "--save", str(save)], tiny_data)
@@ -140,7 +151,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tiny_data, tmp_path
 
 
 def test_bad_data_and_checkpoints_fail_clearly(tiny_data, tmp_path):
-    missing = run(1, ["--train-iters", "1", "--data-path", str(tmp_path / "nope")], tiny_data, check=False)
+    missing = run(1, ["--train-iters", "3", "--data-path", str(tmp_path / "nope")], tiny_data, check=False)
     assert missing.returncode != 0 and "--data-path" in missing.stderr and "nope" in missing.stderr
 
     corrupt = tmp_path / "corrupt"
@@ -149,17 +160,17 @@ def test_bad_data_and_checkpoints_fail_clearly(tiny_data, tmp_path):
         head = f.read(20)
     with open(str(corrupt) + ".idx", "wb") as f:
         f.write(head)
-    bad_index = run(1, ["--train-iters", "1", "--data-path", str(corrupt)], tiny_data, check=False)
+    bad_index = run(1, ["--train-iters", "3", "--data-path", str(corrupt)], tiny_data, check=False)
     assert bad_index.returncode != 0 and "corrupt.idx" in bad_index.stderr
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    no_checkpoint = run(1, ["--train-iters", "1", "--load", str(empty)], tiny_data, check=False)
+    no_checkpoint = run(1, ["--train-iters", "3", "--load", str(empty)], tiny_data, check=False)
     assert no_checkpoint.returncode != 0 and f"--load {empty}: no checkpoint there" in no_checkpoint.stderr
 
     save = tmp_path / "ckpt"
-    run(1, ["--train-iters", "1", "--save", str(save)], tiny_data)
-    shape = run(1, ["--train-iters", "2", "--load", str(save), "--hidden-size", "32"], tiny_data, check=False)
+    run(1, ["--train-iters", "3", "--save", str(save)], tiny_data)
+    shape = run(1, ["--train-iters", "4", "--load", str(save), "--hidden-size", "32"], tiny_data, check=False)
     assert shape.returncode != 0 and "saved for a different model" in shape.stderr and "hidden_size: checkpoint 64, this run 32" in shape.stderr
-    mode = run(1, ["--train-iters", "2", "--load", str(save), "--mtp-mode", "parallel"], tiny_data, check=False)
+    mode = run(1, ["--train-iters", "4", "--load", str(save), "--mtp-mode", "parallel"], tiny_data, check=False)
     assert mode.returncode != 0 and "mtp_mode: checkpoint 'sequential', this run 'parallel'" in mode.stderr
