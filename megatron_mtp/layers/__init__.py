@@ -3,3 +3,8 @@ from megatron_mtp.layers.parallel_heads import ParallelMTPHead, ParallelMTPHeadS
 from megatron_mtp.layers.roll import roll_left
 from megatron_mtp.layers.sequential import SequentialMTPLayer, SequentialMTPLayerSubmodules
 from megatron_mtp.layers.specs import get_mtp_block_spec
+
+__all__ = [
+    "MTPBlock", "MTPBlockSubmodules", "ParallelMTPHead", "ParallelMTPHeadSubmodules", "SequentialMTPLayer",
+    "SequentialMTPLayerSubmodules", "get_mtp_block_spec", "roll_left",
+]

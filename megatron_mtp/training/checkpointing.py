@@ -23,8 +23,11 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
 
 def _metadata() -> Dict[str, Any]:
-    """Sharded-state-dict metadata, as Megatron-LM passes it (GPTModel needs ``dp_cp_group`` on an MTP stage)."""
-    return ensure_metadata_has_dp_cp_group({"distrib_optim_sharding_type": "fully_sharded_model_space"})
+    """Sharded-state-dict metadata, as Megatron-LM passes it (GPTModel needs ``dp_cp_group`` on an MTP stage).
+
+    ``fully_reshardable``: the distributed optimizer saves per-parameter state, so TP/PP/DP may change on load.
+    """
+    return ensure_metadata_has_dp_cp_group({"distrib_optim_sharding_type": "fully_reshardable"})
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -88,6 +91,7 @@ def load_checkpoint(root, model, optimizer, scheduler, signature: Dict[str, Any]
         raise FileNotFoundError(f"--load {root}: {TRACKER_FILE} names iteration {iteration} but {directory} is missing")
     common = dist_checkpointing.load_common_state_dict(directory)
     _check_signature(root, directory, common.get("signature", {}), signature)
+    _check_optimizer_can_resume(root, optimizer)
     metadata = _metadata()
     model_state = model.sharded_state_dict(metadata=metadata)
     request = {
@@ -98,12 +102,27 @@ def load_checkpoint(root, model, optimizer, scheduler, signature: Dict[str, Any]
     if same_topology:
         request["rng_state"] = _rng_sharded_object(None)
     loaded = dist_checkpointing.load(request, directory)
-    model.load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # fp32 distributed-optimizer main params are views of the model's leaf parameters
+        model.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["opt_param_scheduler"])
     if same_topology:
         _set_rng_state(loaded["rng_state"])
     return common["iteration"], common["train_state"]
+
+
+def _check_optimizer_can_resume(root: str, optimizer) -> None:
+    """Megatron-Core 0.16's distributed optimizer restores PyTorch Adam's state (used when neither
+    TransformerEngine nor apex is installed) inexactly or not at all; refuse rather than resume wrongly."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if not HAVE_APEX_OR_TE and any(isinstance(part, DistributedOptimizer) for part in parts):
+        raise NotImplementedError(
+            f"--load {root} with --use-distributed-optimizer needs TransformerEngine or apex: without them "
+            "Megatron-Core's distributed optimizer cannot restore the PyTorch Adam state exactly. "
+            "Resume without --use-distributed-optimizer, or install TransformerEngine."
+        )
 
 
 def _check_signature(root: str, directory: str, saved: Dict[str, Any], current: Dict[str, Any]) -> None:

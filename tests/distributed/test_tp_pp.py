@@ -2,7 +2,6 @@
 gradients, for both MTP modes; SP at TP=2; MTP only on the last stage; embedding copies stay equal
 after optimizer steps. Each test spawns one gloo world and runs several cases in it."""
 
-import pytest
 import torch
 
 from megatron.core import parallel_state

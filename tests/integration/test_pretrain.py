@@ -60,7 +60,10 @@ def read_log(path, split="train"):
         return {r["iteration"]: r for r in map(json.loads, f) if r["split"] == split}
 
 
-@pytest.mark.parametrize("parallel", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]])
+@pytest.mark.parametrize(
+    "parallel",
+    [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"], ["--use-distributed-optimizer"]],
+)
 def test_two_process_run_trains_and_saves(tiny_data, tmp_path, parallel):
     save = tmp_path / "ckpt"
     out = run(2, [*parallel, "--train-iters", "4", "--save", str(save), "--save-interval", "2",
@@ -172,5 +175,7 @@ def test_bad_data_and_checkpoints_fail_clearly(tiny_data, tmp_path):
     run(1, ["--train-iters", "3", "--save", str(save)], tiny_data)
     shape = run(1, ["--train-iters", "4", "--load", str(save), "--hidden-size", "32"], tiny_data, check=False)
     assert shape.returncode != 0 and "saved for a different model" in shape.stderr and "hidden_size: checkpoint 64, this run 32" in shape.stderr
+    distributed = run(1, ["--train-iters", "4", "--load", str(save), "--use-distributed-optimizer"], tiny_data, check=False)
+    assert distributed.returncode != 0 and "--use-distributed-optimizer needs TransformerEngine or apex" in distributed.stderr
     mode = run(1, ["--train-iters", "4", "--load", str(save), "--mtp-mode", "parallel"], tiny_data, check=False)
     assert mode.returncode != 0 and "mtp_mode: checkpoint 'sequential', this run 'parallel'" in mode.stderr
