@@ -69,11 +69,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     )
 
     if args.skip_train:
+        if valid_set is None:
+            raise ValueError(f"--skip-train validates, but --split {args.split} gives the validation split no data")
         evaluate(model, valid_set, runtime, args, device, log, iteration)
         _finish(log)
         return
 
-    if args.eval_interval and iteration == 0:  # the untrained model, the reference for every later value
+    if args.eval_interval and valid_set is not None and iteration == 0:  # the untrained model: the reference
         evaluate(model, valid_set, runtime, args, device, log, iteration)
     last_saved = iteration if args.load else None
     window_start, window_iters = time.time(), 0
