@@ -81,7 +81,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     window_start, window_iters = time.time(), 0
     while iteration < args.train_iters:
         model.train()
-        stats = MTPStats(args.mtp_config.num_layers)
+        logging_step = (iteration + 1) % args.log_interval == 0 or iteration + 1 == args.train_iters
+        # Acceptance metrics cost an argmax over the logits per micro-batch: gather them on logging steps only.
+        stats = MTPStats(args.mtp_config.num_layers) if logging_step else None
         # After a step the optimizer leaves param.grad aliasing DDP's main_grad; unset it or the next backward
         # accumulates every gradient twice.
         optimizer.zero_grad()
@@ -91,8 +93,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         consumed_samples += runtime.global_batch_size
         iteration += 1
         window_iters += 1
-        metrics = reduce_metrics(reports, stats, device)
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+        if logging_step:
+            metrics = reduce_metrics(reports, stats, device)
             if runtime.device == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.time() - window_start
