@@ -1,0 +1,1 @@
+"""DeepSeek-V3 on Megatron-Core: HF config translation, model builder, HF<->Megatron tensor mapping."""
