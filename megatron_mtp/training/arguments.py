@@ -18,6 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_argument_group("model")
+    model.add_argument(
+        "--hf-config", default=None,
+        help="A Hugging Face DeepSeek-V3 config.json (or its directory): the architecture flags come from it "
+        "(giving one with another value is an error); MLA, YaRN, MoE with expert bias, MTP depths.",
+    )
     model.add_argument("--num-layers", type=int, default=4, help="Decoder layers.")
     model.add_argument("--hidden-size", type=int, default=128)
     model.add_argument("--ffn-hidden-size", type=int, default=None, help="MLP width; default 4 x hidden.")
@@ -113,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.hf_config:
+        from megatron_mtp.deepseek.training import apply_hf_config
+
+        apply_hf_config(parser, args, argv)
     args.mtp_config = mtp_config_from_args(args, parser)
     _check(parser, args)
     return args

@@ -17,6 +17,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mtp import cpu_bridge
+from megatron_mtp.deepseek import training as deepseek_training
 from megatron_mtp.layers import get_mtp_block_spec
 from megatron_mtp.model import MTPGPTModel
 
@@ -77,12 +78,26 @@ def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
     Megatron-LM multiplies the multiple by the TP size, which makes the embedding's shape depend on TP; here
     the shape stays the same across TP sizes that divide it, so checkpoints move between them.
     """
+    if getattr(args, "hf_config", None):
+        return deepseek_training.vocab_size(vocab_size, args)
     multiple = math.lcm(args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     return -(-vocab_size // multiple) * multiple
 
 
 def transformer_config(args: argparse.Namespace, runtime: Runtime) -> TransformerConfig:
     dtype = torch.bfloat16 if runtime.bf16 else torch.float32
+    if getattr(args, "hf_config", None):
+        return deepseek_training.transformer_config(
+            args,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            sequence_parallel=args.sequence_parallel,
+            bf16=runtime.bf16,
+            params_dtype=dtype,
+            pipeline_dtype=dtype,
+            use_cpu_initialization=runtime.device == "cpu",
+            gradient_accumulation_fusion=False,
+        )
     moe = {}
     if args.num_experts:
         moe = dict(
@@ -124,24 +139,10 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
 def build_model(args: argparse.Namespace, runtime: Runtime, config: TransformerConfig, vocab_size: int):
     """This rank's MTPGPTModel stage, wrapped in Megatron-Core DDP."""
     use_te = runtime.device == "cuda" and _have_transformer_engine()
-    block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
-    mtp_spec = get_mtp_block_spec(block_spec, args.mtp_config, use_transformer_engine=use_te) if args.mtp_config.enabled else None
-    if not use_te:
-        block_spec = cpu_bridge.with_sequence_parallel_norms(block_spec)
-        mtp_spec = cpu_bridge.with_sequence_parallel_norms(mtp_spec)
-    model = MTPGPTModel(
-        config,
-        block_spec,
-        vocab_size,
-        args.max_position_embeddings,
-        mtp_config=args.mtp_config,
-        mtp_block_spec=mtp_spec,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_base=args.rotary_base,
-    )
+    if getattr(args, "hf_config", None):
+        model = deepseek_training.build_model(args, config, use_te)
+    else:
+        model = _build_gpt_model(args, config, vocab_size, use_te)
     if runtime.device == "cuda":
         model.cuda(torch.cuda.current_device())
     ddp = DistributedDataParallel(
@@ -156,6 +157,27 @@ def build_model(args: argparse.Namespace, runtime: Runtime, config: TransformerC
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     return ddp
+
+
+def _build_gpt_model(args: argparse.Namespace, config: TransformerConfig, vocab_size: int, use_te: bool) -> MTPGPTModel:
+    block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
+    mtp_spec = get_mtp_block_spec(block_spec, args.mtp_config, use_transformer_engine=use_te) if args.mtp_config.enabled else None
+    if not use_te:
+        block_spec = cpu_bridge.with_sequence_parallel_norms(block_spec)
+        mtp_spec = cpu_bridge.with_sequence_parallel_norms(mtp_spec)
+    return MTPGPTModel(
+        config,
+        block_spec,
+        vocab_size,
+        args.max_position_embeddings,
+        mtp_config=args.mtp_config,
+        mtp_block_spec=mtp_spec,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+    )
 
 
 def build_optimizer(args: argparse.Namespace, runtime: Runtime, model):

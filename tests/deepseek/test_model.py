@@ -7,7 +7,10 @@ transformers ignores the MTP layer, so its tensors are generated here (its decod
 module: ``eh_proj(cat(enorm(embed(next tokens)), hnorm(h))) -> decoder layer -> shared_head.norm -> head``.
 """
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -30,6 +33,7 @@ from megatron_mtp.deepseek.mapping import (
     tensor_mappings,
 )
 from megatron_mtp.deepseek.model import build_model
+from megatron_mtp.training.arguments import parse_args
 from mp_world import run_world
 
 BATCH, SEQ = 2, 12
@@ -220,8 +224,9 @@ def test_logits_match_transformers_at_tp2_ep2_and_tp2_x_ep2(reference):
     for rank, results in enumerate(ranks):
         for case, ours in zip(PARALLEL_CASES, results):
             for key in ("logits", "mtp_logits"):
+                where = f"rank {rank} {case} {key}"
                 torch.testing.assert_close(
-                    ours[key], reference[key], atol=ATOL, rtol=0, msg=lambda m: f"rank {rank} {case} {key}: {m}"
+                    ours[key], reference[key], atol=ATOL, rtol=0, msg=lambda m, w=where: f"{w}: {m}"
                 )
 
 
@@ -301,3 +306,82 @@ def test_unsupported_configs_raise_naming_the_key(changes, error, match):
 def test_override_of_an_hf_setting_is_an_error():
     with pytest.raises(ValueError, match="hidden_size"):
         megatron_configs(tiny_config(), hidden_size=128)
+
+
+# ---- the pretrain script's --hf-config ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hf_config_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_config()))
+    return str(path)
+
+
+def test_hf_config_flag_sets_the_architecture(hf_config_file):
+    args = parse_args(["--hf-config", hf_config_file, "--num-layers", "3", "--mtp-loss-scaling-factor", "0.3"])
+    assert (args.num_layers, args.hidden_size, args.num_experts, args.moe_router_topk) == (3, 64, 8, 2)
+    assert args.swiglu and args.untie_embeddings_and_output_weights and args.hf_vocab_size == 256
+    assert (args.mtp_config.num_layers, args.mtp_config.mode, args.mtp_config.loss_scaling_factor) == (
+        1,
+        "sequential",
+        0.3,
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-layers", "4"], "--num-layers 4 contradicts"),
+        (["--swiglu", "--hidden-size", "128"], "--hidden-size 128 contradicts"),
+        (["--mtp-mode", "parallel"], "--mtp-mode parallel contradicts"),
+        (["--mtp-num-layers", "2"], "--mtp-num-layers 2 contradicts"),
+    ],
+)
+def test_hf_config_flag_refuses_contradicting_flags(hf_config_file, flags, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--hf-config", hf_config_file, *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_hf_config_flag_names_an_unsupported_architecture(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_config(architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe")))
+    with pytest.raises(SystemExit):
+        parse_args(["--hf-config", str(path)])
+    assert "Glm4MoeForCausalLM is not supported" in capsys.readouterr().err
+
+
+def test_pretrain_trains_the_hf_config_model(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny_config(vocab_size=384)))  # room for the byte-level tokenizer
+    command = [
+        sys.executable,
+        "-m",
+        "megatron_mtp.pretrain",
+        "--hf-config",
+        str(config),
+        "--train-iters",
+        "4",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--log-interval",
+        "2",
+        "--eval-interval",
+        "0",
+        "--lr-warmup-iters",
+        "1",
+        "--data-cache-dir",
+        os.path.join(os.path.expanduser("~"), ".cache", "megatron_mtp"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [
+        float(line.split("lm loss ")[1].split()[0])
+        for line in result.stdout.splitlines()
+        if line.startswith("iteration")
+    ]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses), result.stdout
+    assert "MTP sequential D=1" in result.stdout
