@@ -8,7 +8,7 @@ extra_args_provider=add_mtp_args)``). Megatron-LM itself defines ``--mtp-num-lay
 import argparse
 from typing import Optional, Tuple
 
-from megatron_mtp.config import DEPTH_WEIGHTINGS, MTP_MODES, MTPConfig
+from megatron_mtp.config import DEPTH_WEIGHTINGS, LOSS_IMPLEMENTATIONS, MTP_MODES, MTPConfig
 
 
 def _schedule(text: str) -> Tuple[Tuple[int, float], ...]:
@@ -58,6 +58,28 @@ def add_mtp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "(before the first entry: --mtp-loss-scaling-factor). DeepSeek-V3 style: "
         "--mtp-loss-scaling-factor 0.3 --mtp-loss-scaling-schedule 90000:0.1",
     )
+    group.add_argument(
+        "--mtp-loss-implementation", choices=LOSS_IMPLEMENTATIONS, default="chunked",
+        help="chunked (default): each depth's output layer + cross-entropy over token chunks, never all logits "
+        "at once. plain: full logits per depth, as Megatron-Core's MTP (more memory, same numbers).",
+    )
+    group.add_argument(
+        "--mtp-loss-chunk-size", type=int, default=None,
+        help="Tokens per chunk of the chunked MTP loss. Default 256.",
+    )
+    group.add_argument(
+        "--mtp-loss-recompute-logits", action="store_true",
+        help="Chunked MTP loss: recompute each chunk's logits in backward instead of keeping the gradients "
+        "computed in forward (saves an output-weight-sized fp32 buffer per depth, costs one matmul per chunk).",
+    )
+    group.add_argument(
+        "--mtp-latent-consistency-weight", type=float, default=0.0,
+        help="alpha of the latent consistency loss MSE(h_k[t], stopgrad(h_0[t+k])) (arXiv 2604.06155). 0: off.",
+    )
+    group.add_argument(
+        "--mtp-semantic-anchoring-weight", type=float, default=0.0,
+        help="beta of the semantic anchoring loss MSE(h_k[t], stopgrad(E[token t+k+1])) (arXiv 2604.06155). 0: off.",
+    )
     return parser
 
 
@@ -84,6 +106,11 @@ def _config(args: argparse.Namespace) -> MTPConfig:
         )
     if num_layers == 0 and args.mtp_loss_scaling_schedule:
         raise ValueError("--mtp-loss-scaling-schedule needs --mtp-num-layers >= 1")
+    chunk_flags = args.mtp_loss_chunk_size is not None or args.mtp_loss_recompute_logits
+    if args.mtp_loss_implementation == "plain" and chunk_flags:
+        raise ValueError(
+            "--mtp-loss-chunk-size and --mtp-loss-recompute-logits apply to --mtp-loss-implementation chunked"
+        )
     try:
         return MTPConfig(
             num_layers=num_layers,
@@ -92,12 +119,20 @@ def _config(args: argparse.Namespace) -> MTPConfig:
             depth_weighting=args.mtp_depth_weighting,
             geometric_gamma=0.5 if args.mtp_geometric_gamma is None else args.mtp_geometric_gamma,
             loss_scaling_schedule=args.mtp_loss_scaling_schedule,
+            loss_implementation=args.mtp_loss_implementation,
+            loss_chunk_size=256 if args.mtp_loss_chunk_size is None else args.mtp_loss_chunk_size,
+            loss_recompute_logits=args.mtp_loss_recompute_logits,
+            latent_consistency_weight=args.mtp_latent_consistency_weight,
+            semantic_anchoring_weight=args.mtp_semantic_anchoring_weight,
         )
     except ValueError as error:
         flag = {
             "loss_scaling_factor": "--mtp-loss-scaling-factor",
             "geometric_gamma": "--mtp-geometric-gamma",
             "loss_scaling_schedule": "--mtp-loss-scaling-schedule",
+            "loss_chunk_size": "--mtp-loss-chunk-size",
+            "latent_consistency_weight": "--mtp-latent-consistency-weight",
+            "semantic_anchoring_weight": "--mtp-semantic-anchoring-weight",
         }
         message = str(error)
         for field, name in flag.items():

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 MTP_MODES = ("sequential", "parallel")
 DEPTH_WEIGHTINGS = ("uniform", "harmonic", "geometric")
+LOSS_IMPLEMENTATIONS = ("chunked", "plain")
 # Position embeddings whose position ids are one id per token, so rolling them left is meaningful.
 ROLLABLE_POSITION_EMBEDDINGS = ("learned_absolute", "rope", "yarn", "none")
 
@@ -39,6 +40,23 @@ class MTPConfig:
     """Optional ``((start_step, lambda), ...)``, steps increasing: from ``start_step`` on, lambda takes that
     value; before the first entry it is ``loss_scaling_factor``. DeepSeek-V3: 0.3, then 0.1 late in training."""
 
+    loss_implementation: str = "chunked"
+    """``chunked``: each depth's output layer + cross-entropy runs over token chunks, never holding more than one
+    chunk's logits (``loss/chunked.py``); ``plain``: full logits per depth, as Megatron-Core does."""
+
+    loss_chunk_size: int = 256
+    """Tokens per chunk for the chunked loss."""
+
+    loss_recompute_logits: bool = False
+    """Chunked loss only: recompute each chunk's logits in backward instead of keeping the output-weight and
+    hidden-state gradients from the forward pass (one more matmul per chunk, no weight-sized buffer per depth)."""
+
+    latent_consistency_weight: float = 0.0
+    """alpha of ``MSE(h_k[t], stopgrad(h_0[t+k]))`` (latent semantic enhancement, arXiv 2604.06155); 0 = off."""
+
+    semantic_anchoring_weight: float = 0.0
+    """beta of ``MSE(h_k[t], stopgrad(E[token t+k+1]))`` toward the target token's embedding; 0 = off."""
+
     def __post_init__(self):
         if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int):
             raise TypeError(f"MTP num_layers must be an int, got {self.num_layers!r}")
@@ -57,6 +75,15 @@ class MTPConfig:
             )
         if not (0.0 < self.geometric_gamma <= 1.0):
             raise ValueError(f"MTP geometric_gamma must be in (0, 1], got {self.geometric_gamma}")
+        if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown MTP loss_implementation {self.loss_implementation!r}; "
+                f"choose one of {', '.join(LOSS_IMPLEMENTATIONS)}"
+            )
+        if type(self.loss_chunk_size) is not int or self.loss_chunk_size < 1:
+            raise ValueError(f"MTP loss_chunk_size must be an int >= 1, got {self.loss_chunk_size!r}")
+        _check_scale("MTP latent_consistency_weight", self.latent_consistency_weight)
+        _check_scale("MTP semantic_anchoring_weight", self.semantic_anchoring_weight)
         previous_step = -1
         for entry in self.loss_scaling_schedule:
             if len(entry) != 2:
@@ -72,6 +99,10 @@ class MTPConfig:
     @property
     def enabled(self) -> bool:
         return self.num_layers > 0
+
+    @property
+    def latent_losses(self) -> bool:
+        return bool(self.latent_consistency_weight or self.semantic_anchoring_weight)
 
     @property
     def megatron_mtp_num_layers(self) -> Optional[int]:

@@ -24,8 +24,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mtp.config import MTPConfig
+from megatron_mtp.loss.chunked import chunked
+from megatron_mtp.loss.latent import LatentTargets
 from megatron_mtp.loss.metrics import MTPStats, vocab_parallel_argmax
-from megatron_mtp.loss.mtp_loss import OutputHead, inject_mtp_loss, mtp_loss
+from megatron_mtp.loss.mtp_loss import OutputHead, inject_mtp_loss, mtp_loss, plain_depth_loss
 
 
 class MTPGPTModel(GPTModel):
@@ -85,6 +87,13 @@ class MTPGPTModel(GPTModel):
             if share_embeddings_and_output_weights:
                 # The output layer reads the embedding copy above; GPTModel allocated a weight it never uses.
                 self.output_layer.weight = None
+        if has_mtp and mtp_config.semantic_anchoring_weight and not (
+            hasattr(self, "embedding") or share_embeddings_and_output_weights
+        ):
+            raise ValueError(
+                "semantic anchoring needs the word embedding on the last pipeline stage: parallel-heads MTP with "
+                "pipeline parallelism has it only when embeddings and output weights are tied"
+            )
         if has_mtp:
             self.mtp = build_module(
                 mtp_block_spec, config=config, pg_collection=self.pg_collection, vp_stage=vp_stage
@@ -168,6 +177,7 @@ class MTPGPTModel(GPTModel):
                 rotary_pos_sin=rotary_pos_sin,
             )
 
+        trunk_hidden_states = hidden_states
         in_inference = inference_context is not None and not self.training
         if in_inference:
             if not runtime_gather_output:
@@ -196,10 +206,32 @@ class MTPGPTModel(GPTModel):
             depth_weights=self.mtp_config.depth_weights(),
             loss_scale=self.mtp_config.loss_scaling_factor if mtp_step is None else self.mtp_config.loss_scale_at(mtp_step),
             per_token_loss=self.config.calculate_per_token_loss,
+            depth_loss=self._depth_loss(),
+            latent_targets=self._latent_targets(trunk_hidden_states) if self.mtp_config.latent_losses else None,
         )
         if mtp_stats is not None:
             mtp_stats.add(result.stats)
         return inject_mtp_loss(lm_loss, result.term, loss_mask, self.config.calculate_per_token_loss)
+
+    def _depth_loss(self):
+        if self.mtp_config.loss_implementation == "plain":
+            return plain_depth_loss
+        return chunked(self.mtp_config.loss_chunk_size, grad_in_forward=not self.mtp_config.loss_recompute_logits)
+
+    def _latent_targets(self, trunk_hidden_states: Tensor) -> LatentTargets:
+        embedding_weight = None
+        if hasattr(self, "embedding"):
+            embedding_weight = self.embedding.word_embeddings.weight
+        elif self.share_embeddings_and_output_weights:  # the output layer holds this stage's embedding copy
+            embedding_weight = self.shared_embedding_or_output_weight()
+        return LatentTargets(
+            consistency_weight=self.mtp_config.latent_consistency_weight,
+            anchoring_weight=self.mtp_config.semantic_anchoring_weight,
+            trunk_hidden=trunk_hidden_states,
+            embedding_weight=embedding_weight,
+            tp_group=self.output_layer.tp_group,
+            sequence_parallel=self.config.sequence_parallel,
+        )
 
     def _check_mtp_inputs(self, input_ids, labels, loss_mask, packed_seq_params, mtp_step) -> None:
         if packed_seq_params is not None:

@@ -83,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         model.train()
         logging_step = (iteration + 1) % args.log_interval == 0 or iteration + 1 == args.train_iters
         # Acceptance metrics cost an argmax over the logits per micro-batch: gather them on logging steps only.
-        stats = MTPStats(args.mtp_config.num_layers) if logging_step else None
+        stats = MTPStats(args.mtp_config.num_layers, args.mtp_config.latent_losses) if logging_step else None
         # After a step the optimizer leaves param.grad aliasing DDP's main_grad; unset it or the next backward
         # accumulates every gradient twice.
         optimizer.zero_grad()
@@ -184,7 +184,7 @@ def evaluate(model, valid_set, runtime, args, device, log, iteration: int) -> No
     batches = MicroBatchIterator(
         valid_set, 0, args.micro_batch_size, parallel_state.get_data_parallel_rank(), runtime.data_parallel_size
     )
-    reports, stats = [], MTPStats(args.mtp_config.num_layers)
+    reports, stats = [], MTPStats(args.mtp_config.num_layers, args.mtp_config.latent_losses)
     for _ in range(args.eval_iters):
         reports += run_microbatches(model, batches, runtime, args, device, stats, iteration, forward_only=True)
     metrics = reduce_metrics(reports, stats, device)

@@ -5,7 +5,14 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-STAT_FIELDS = ("loss_sum", "tokens", "correct_label", "correct_main")
+STAT_FIELDS = (
+    "loss_sum",
+    "tokens",
+    "correct_label",
+    "correct_main",
+    "latent_consistency_sum",
+    "semantic_anchoring_sum",
+)
 
 
 @torch.no_grad()
@@ -35,15 +42,17 @@ class MTPStats:
 
     ``values[k-1]`` holds, for depth k: CE summed over valid tokens, valid tokens, tokens whose top-1
     prediction equals the label, and tokens whose top-1 equals the main model's greedy prediction for the
-    same target position.
+    same target position; then the latent consistency and semantic anchoring MSE sums, reported when
+    ``latent_losses`` is set.
     """
 
-    def __init__(self, num_depths: int):
+    def __init__(self, num_depths: int, latent_losses: bool = False):
         self.num_depths = num_depths
+        self.latent_losses = latent_losses
         self.values: Optional[torch.Tensor] = None
 
     def add(self, values: torch.Tensor) -> None:
-        """values: [D, 4] in ``STAT_FIELDS`` order."""
+        """values: [D, 6] in ``STAT_FIELDS`` order."""
         values = values.detach().to(torch.float64)
         self.values = values if self.values is None else self.values + values
 
@@ -52,14 +61,20 @@ class MTPStats:
             dist.all_reduce(self.values, group=group)
 
     def summary(self) -> Dict[str, float]:
-        """``mtp_{k}_loss``, ``mtp_{k}_acc`` (vs labels), ``mtp_{k}_acc_main`` (vs main greedy), ``mtp_{k}_tokens``."""
+        """``mtp_{k}_loss``, ``mtp_{k}_acc`` (vs labels), ``mtp_{k}_acc_main`` (vs main greedy), ``mtp_{k}_tokens``,
+        and with latent losses ``mtp_{k}_latent_consistency``, ``mtp_{k}_semantic_anchoring`` (mean MSE per token)."""
         if self.values is None:
             return {}
         out = {}
-        for depth, (loss_sum, tokens, correct_label, correct_main) in enumerate(self.values.tolist(), start=1):
+        for depth, (loss_sum, tokens, correct_label, correct_main, consistency, anchoring) in enumerate(
+            self.values.tolist(), start=1
+        ):
             denominator = max(tokens, 1.0)
             out[f"mtp_{depth}_loss"] = loss_sum / denominator
             out[f"mtp_{depth}_acc"] = correct_label / denominator
             out[f"mtp_{depth}_acc_main"] = correct_main / denominator
             out[f"mtp_{depth}_tokens"] = tokens
+            if self.latent_losses:
+                out[f"mtp_{depth}_latent_consistency"] = consistency / denominator
+                out[f"mtp_{depth}_semantic_anchoring"] = anchoring / denominator
         return out

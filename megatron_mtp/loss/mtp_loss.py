@@ -6,6 +6,7 @@ are the main ones rolled left by k, with zero (masked) tails; no target is taken
 
     L = L_main + lambda * sum_k w_k L_k / sum_k w_k,   L_k = sum_t mask_k[t] CE_k[t] / sum_t mask_k[t]
 
+(plus, when enabled, the latent semantic enhancement terms of ``loss/latent.py``, averaged the same way).
 A depth with no valid token contributes 0, not NaN. Under ``calculate_per_token_loss`` L_k is the sum
 (as in Megatron-Core), normalised later with the main loss by the global token count.
 """
@@ -15,6 +16,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 import torch
 
 from megatron_mtp.layers.roll import roll_left
+from megatron_mtp.loss.latent import LatentTargets, latent_sums
 from megatron_mtp.loss.metrics import vocab_parallel_argmax
 
 
@@ -49,25 +51,29 @@ def plain_depth_loss(
     logits, _ = head.output_layer(hidden_states, weight=head.weight)  # [s, b, V/tp]
     token_loss = head.cross_entropy(labels, logits)  # [b, s]
     loss_sum = (token_loss * loss_mask).sum()
-    stats = torch.zeros(4, device=loss_sum.device)
-    if main_predictions is not None:
-        with torch.no_grad():
-            predictions = vocab_parallel_argmax(logits, head.tp_group).t()  # [b, s]
-            valid = loss_mask > 0
-            stats = torch.stack(
-                (
-                    loss_sum.detach().float(),
-                    valid.sum().float(),
-                    ((predictions == labels) & valid).sum().float(),
-                    ((predictions == main_predictions) & valid).sum().float(),
-                )
-            )
-    return DepthLoss(loss_sum, stats)
+    if main_predictions is None:
+        return DepthLoss(loss_sum, torch.zeros(4, device=loss_sum.device))
+    predictions = vocab_parallel_argmax(logits.detach(), head.tp_group).t()  # [b, s]
+    return DepthLoss(loss_sum, depth_stats(loss_sum, predictions, labels, loss_mask, main_predictions))
+
+
+@torch.no_grad()
+def depth_stats(loss_sum, predictions, labels, loss_mask, main_predictions) -> torch.Tensor:
+    """[4] counts in metrics.STAT_FIELDS order from one depth's greedy ids, labels and the main model's ids."""
+    valid = loss_mask > 0
+    return torch.stack(
+        (
+            loss_sum.detach().float(),
+            valid.sum().float(),
+            ((predictions == labels) & valid).sum().float(),
+            ((predictions == main_predictions) & valid).sum().float(),
+        )
+    )
 
 
 class MTPLossResult(NamedTuple):
     term: torch.Tensor  # scalar: lambda * weighted MTP loss, differentiable
-    stats: torch.Tensor  # [D, 4] detached counts (zeros when metrics were not requested)
+    stats: torch.Tensor  # [D, 6] detached sums in metrics.STAT_FIELDS order (counts zero without metrics)
 
 
 def mtp_loss(
@@ -80,6 +86,7 @@ def mtp_loss(
     loss_scale: float,
     per_token_loss: bool,
     depth_loss: Callable[..., DepthLoss] = plain_depth_loss,
+    latent_targets: Optional[LatentTargets] = None,
 ) -> MTPLossResult:
     """
     Args:
@@ -87,23 +94,37 @@ def mtp_loss(
         labels, loss_mask: the main (next-token) labels and mask, [b, s].
         main_predictions: greedy ids of the main model, [b, s] (position t predicts token t+1), or None.
         depth_weights: w_1..w_D (unnormalised); loss_scale: lambda.
+        depth_loss: ``plain_depth_loss`` or ``chunked.chunked_depth_loss`` (same results, less memory).
+        latent_targets: adds the latent semantic enhancement terms (see ``loss/latent.py``), weighted by
+            their own factors: ``sum_k w_k (lambda L_k + alpha LC_k + beta SA_k) / sum_k w_k``.
     """
     loss_mask = loss_mask.float()
     term = torch.zeros((), device=labels.device)
     all_stats: List[torch.Tensor] = []
     for depth, (hidden_states, weight) in enumerate(zip(depth_hidden_states, depth_weights), start=1):
         mask_k = roll_left(loss_mask, depth)
+        labels_k = roll_left(labels, depth)
         result = depth_loss(
             hidden_states,
             head,
-            roll_left(labels, depth),
+            labels_k,
             mask_k,
             None if main_predictions is None else roll_left(main_predictions, depth),
         )
-        depth_term = result.loss_sum if per_token_loss else result.loss_sum / mask_k.sum().clamp(min=1.0)
-        term = term + weight * depth_term
-        all_stats.append(result.stats)
-    term = term * (loss_scale / sum(depth_weights))
+        tokens = 1.0 if per_token_loss else mask_k.sum().clamp(min=1.0)
+        depth_term = loss_scale * result.loss_sum
+        latent = torch.zeros(2, device=labels.device)
+        if latent_targets is not None:
+            sums = latent_sums(hidden_states, depth, labels_k, mask_k, latent_targets)
+            depth_term = (
+                depth_term
+                + latent_targets.consistency_weight * sums.consistency
+                + latent_targets.anchoring_weight * sums.anchoring
+            )
+            latent = torch.stack((sums.consistency.detach(), sums.anchoring.detach()))
+        term = term + weight * depth_term / tokens
+        all_stats.append(torch.cat((result.stats, latent)))
+    term = term / sum(depth_weights)
     return MTPLossResult(term, torch.stack(all_stats))
 
 

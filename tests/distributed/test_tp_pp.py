@@ -1,6 +1,11 @@
 """TP=2, PP=2 (1F1B, several micro-batches) and TP=2 x PP=2 give one process's losses, MTP metrics and
 gradients, for both MTP modes; SP at TP=2; MTP only on the last stage; embedding copies stay equal
-after optimizer steps. Each test spawns one gloo world and runs several cases in it."""
+after optimizer steps. Each test spawns one gloo world and runs several cases in it.
+
+The one-process reference uses the plain MTP loss (full logits); the parallel runs use the chunked loss
+(5-token chunks, which do not divide the tokens), alternating gradients-in-forward and recomputation, so
+these tests also show the two loss paths agree under TP, SP and PP. Cases with SP or tied weights add the
+latent semantic enhancement losses (gathered over the sequence under SP, embedding copy under PP)."""
 
 import torch
 
@@ -43,13 +48,28 @@ TP_PP_CASES = [
 ]
 
 
+def _mtp_config(case, case_index: int, reference: bool) -> MTPConfig:
+    mode, sp, tied = case
+    latent = 0.3 if sp or tied else 0.0
+    return MTPConfig(
+        num_layers=2,
+        mode=mode,
+        depth_weighting="harmonic",
+        loss_implementation="plain" if reference else "chunked",
+        loss_chunk_size=5,
+        loss_recompute_logits=case_index % 2 == 1,
+        latent_consistency_weight=latent,
+        semantic_anchoring_weight=latent / 2,
+    )
+
+
 def _reference(cases, microbatches):
     """One-process results per case: initial weights, per-micro-batch LM loss, MTP counts, gradients."""
     results = []
-    for mode, _, tied in cases:
-        mtp = MTPConfig(num_layers=2, mode=mode, depth_weighting="harmonic")
+    for case_index, case in enumerate(cases):
+        mtp = _mtp_config(case, case_index, reference=True)
         config = transformer_config(mtp)
-        model = wrap_ddp(build_model(config, mtp, tied=tied), config)
+        model = wrap_ddp(build_model(config, mtp, tied=case[2]), config)
         weights = {name: p.detach().clone() for name, p in global_names(model).items()}
         stats = MTPStats(2)
         losses = train_step(model, config, make_batches(microbatches, fully_masked_microbatch=1), stats)
@@ -63,8 +83,8 @@ def _parallel_run(cases, references, microbatches, optimizer_steps):
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     out = []
-    for (mode, sp, tied), reference in zip(cases, references):
-        mtp = MTPConfig(num_layers=2, mode=mode, depth_weighting="harmonic")
+    for case_index, ((mode, sp, tied), reference) in enumerate(zip(cases, references)):
+        mtp = _mtp_config((mode, sp, tied), case_index, reference=False)
         config = transformer_config(mtp, tp=tp, pp=pp, sp=sp)
         model = build_model(config, mtp, tied=tied)
         load_full_state(model, _tied_aliases(reference["weights"], model))

@@ -23,6 +23,19 @@ def test_flags_build_the_mtp_config():
     assert config.loss_scaling_schedule == ((100, 0.1), (200, 0.05))
 
 
+def test_loss_flags_build_the_mtp_config():
+    default = _parse(["--mtp-num-layers", "1"])
+    assert (default.loss_implementation, default.loss_chunk_size, default.loss_recompute_logits) == ("chunked", 256, False)
+    assert not default.latent_losses
+    config = _parse(
+        ["--mtp-num-layers", "2", "--mtp-loss-chunk-size", "64", "--mtp-loss-recompute-logits",
+         "--mtp-latent-consistency-weight", "0.1", "--mtp-semantic-anchoring-weight", "0.2"]
+    )
+    assert (config.loss_chunk_size, config.loss_recompute_logits) == (64, True)
+    assert (config.latent_consistency_weight, config.semantic_anchoring_weight, config.latent_losses) == (0.1, 0.2, True)
+    assert _parse(["--mtp-num-layers", "1", "--mtp-loss-implementation", "plain"]).loss_implementation == "plain"
+
+
 def test_megatron_lm_defaults_and_no_mtp_by_default():
     config = _parse([])
     assert (config.num_layers, config.loss_scaling_factor, config.enabled) == (0, 0.1, False)
@@ -45,6 +58,9 @@ def test_works_as_extra_args_provider_on_a_parser_that_has_megatrons_flags():
         (["--mtp-num-layers", "1", "--mtp-loss-scaling-factor", "-1"], "--mtp-loss-scaling-factor must be a finite number >= 0"),
         (["--mtp-num-layers", "1", "--mtp-loss-scaling-schedule", "10=0.1"], "expected STEP:LAMBDA"),
         (["--mtp-num-layers", "-2"], "--mtp-num-layers must be >= 0"),
+        (["--mtp-num-layers", "1", "--mtp-loss-chunk-size", "0"], "--mtp-loss-chunk-size must be an int >= 1"),
+        (["--mtp-loss-implementation", "plain", "--mtp-loss-chunk-size", "8"], "apply to --mtp-loss-implementation chunked"),
+        (["--mtp-num-layers", "1", "--mtp-semantic-anchoring-weight", "-1"], "--mtp-semantic-anchoring-weight must be"),
     ],
 )
 def test_contradictory_flags_fail_at_parse_time_naming_the_flags(argv, message, capsys):

@@ -71,7 +71,7 @@ def test_acceptance_counts_compare_top1_with_labels_and_main_predictions():
         target[:, : SEQ - depth] = labels[:, depth:]
         main = torch.zeros_like(labels)
         main[:, : SEQ - depth] = main_predictions[:, depth:]
-        _, tokens, correct_label, correct_main = result.stats[depth - 1].tolist()
+        _, tokens, correct_label, correct_main = result.stats[depth - 1, :4].tolist()
         assert tokens == valid.sum()
         assert correct_label == ((top1 == target) & valid).sum()
         assert correct_main == ((top1 == main) & valid).sum()
