@@ -111,6 +111,20 @@ def load_checkpoint(root, model, optimizer, scheduler, signature: Dict[str, Any]
     return common["iteration"], common["train_state"]
 
 
+def load_model_weights(root: str, model) -> int:
+    """Load the model's weights only, as Megatron-LM's ``--finetune`` (``--no-load-optim --no-load-rng``): for a
+    checkpoint without optimizer, scheduler or RNG state, such as one converted from Hugging Face. Any TP/PP/EP.
+    Returns the checkpoint's iteration; the caller starts training afresh."""
+    iteration = latest_iteration(root)
+    directory = iteration_dir(root, iteration)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"--load {root}: {TRACKER_FILE} names iteration {iteration} but {directory} is missing")
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=_metadata())}, directory)
+    with torch.no_grad():
+        model.load_state_dict(loaded["model"])
+    return iteration
+
+
 def _check_optimizer_can_resume(root: str, optimizer) -> None:
     """Megatron-Core 0.16's distributed optimizer restores PyTorch Adam's state (used when neither
     TransformerEngine nor apex is installed) inexactly or not at all; refuse rather than resume wrongly."""
