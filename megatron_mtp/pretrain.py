@@ -23,7 +23,7 @@ from megatron_mtp.data.stdlib_corpus import prepare_stdlib_corpus
 from megatron_mtp.data.tokenizers import build_tokenizer
 from megatron_mtp.loss import MTPStats
 from megatron_mtp.training.arguments import parse_args
-from megatron_mtp.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_mtp.training.checkpointing import load_checkpoint, load_model_weights, save_checkpoint
 from megatron_mtp.training.metrics_log import MetricsLog, memory_gb
 from megatron_mtp.training.setup import (
     build_model,
@@ -45,7 +45,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     signature = model_signature(args, vocab_size)
 
     iteration, consumed_samples = 0, 0
-    if args.load:
+    if args.load and args.finetune:
+        load_model_weights(args.load, model.module)
+        _print(f"loaded model weights from {args.load}; training starts at iteration 0 (--finetune)")
+    elif args.load:
         iteration, train_state = load_checkpoint(args.load, model.module, optimizer, scheduler, signature)
         consumed_samples = train_state["consumed_samples"]
         _print(f"resumed from {args.load} at iteration {iteration} ({consumed_samples} samples consumed)")
@@ -77,7 +80,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     if args.eval_interval and valid_set is not None and iteration == 0:  # the untrained model: the reference
         evaluate(model, valid_set, runtime, args, device, log, iteration)
-    last_saved = iteration if args.load else None
+    last_saved = iteration if args.load and not args.finetune else None
     window_start, window_iters = time.time(), 0
     while iteration < args.train_iters:
         model.train()

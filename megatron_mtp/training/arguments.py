@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint = parser.add_argument_group("checkpointing")
     checkpoint.add_argument("--save", default=None, help="Directory to save torch_dist checkpoints to.")
     checkpoint.add_argument("--load", default=None, help="Directory to resume from (its latest checkpoint).")
+    checkpoint.add_argument(
+        "--finetune", action="store_true",
+        help="Load only the model weights from --load (no optimizer, scheduler or RNG state; e.g. a checkpoint "
+        "from tools/convert_deepseek_v3.py) and start at iteration 0, as Megatron-LM's --finetune.",
+    )
     checkpoint.add_argument("--save-interval", type=int, default=None, help="Save every N steps (and at the end).")
 
     logging = parser.add_argument_group("logging")
@@ -131,6 +136,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     positive = ["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "train_iters",
                 "log_interval", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                 "expert_model_parallel_size"]
+    if args.finetune and not args.load:
+        parser.error("--finetune loads model weights from --load; give --load")
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
