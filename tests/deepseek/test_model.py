@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 
 import pytest
 import torch
@@ -39,6 +40,7 @@ from mp_world import run_world
 BATCH, SEQ = 2, 12
 ATOL = 1e-4
 PARALLEL_CASES = ({"tp": 2, "ep": 1}, {"tp": 1, "ep": 2}, {"tp": 2, "ep": 2})
+PIPELINE_CASE = {"tp": 1, "ep": 1, "pp": 2}  # on a 4-layer variant: 2 layers per stage
 
 
 # ---- the HF side -------------------------------------------------------------------------------------------------
@@ -152,14 +154,18 @@ def _capture_router_inputs(model):
 # ---- the Megatron side -------------------------------------------------------------------------------------------
 
 
-def megatron_outputs(config: dict, hf_state: dict, tokens: torch.Tensor, tp: int = 1, ep: int = 1) -> dict:
+def megatron_outputs(
+    config: dict, hf_state: dict, tokens: torch.Tensor, tp: int = 1, ep: int = 1, pp: int = 1
+) -> Optional[dict]:
     """Our model of ``config`` at this process's parallel state, loaded from ``hf_state``: full logits and
-    depth-1 logits [b, s, V]."""
+    depth-1 logits [b, s, V] (None on pipeline stages other than the last)."""
     model = build_model(
         config,
         tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=1 if ep > 1 else tp,
+        pipeline_dtype=torch.float32,
         use_cpu_initialization=True,
         gradient_accumulation_fusion=False,
         moe_token_dispatcher_type="allgather",
@@ -168,26 +174,43 @@ def megatron_outputs(config: dict, hf_state: dict, tokens: torch.Tensor, tp: int
     load_hf_state_dict(model, hf_state, config)
     positions = torch.arange(SEQ).expand(BATCH, SEQ)
     depth_states = []
-    model.mtp.register_forward_hook(lambda module, args, output: depth_states.extend(output))
+    if model.post_process:
+        model.mtp.register_forward_hook(lambda module, args, output: depth_states.extend(output))
     with torch.no_grad():
-        logits = model(tokens, positions, None, runtime_gather_output=True)
-        model(tokens, positions, None, labels=tokens, compute_mtp=True)
+        logits = _pipelined(model, lambda **kw: model(tokens, positions, None, runtime_gather_output=True, **kw))
+        _pipelined(model, lambda **kw: model(tokens, positions, None, labels=tokens, compute_mtp=True, **kw))
+        if not model.post_process:
+            return None
         mtp_logits, _ = model.output_layer(depth_states[0], runtime_gather_output=True)
     return dict(logits=logits, mtp_logits=mtp_logits.transpose(0, 1))
 
 
-def _parallel_worlds(config: dict, hf_state: dict, tokens: torch.Tensor) -> list:
-    """Run in each spawned rank: every case of PARALLEL_CASES in turn, re-initialising Megatron's groups."""
+def _pipelined(model, forward):
+    """One forward through the pipeline stages (stage i sends its [s, b, h] output to stage i+1)."""
+    if not parallel_state.is_pipeline_first_stage():
+        hidden = torch.empty(SEQ, BATCH, model.config.hidden_size)
+        torch.distributed.recv(hidden, parallel_state.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(hidden)
+    output = forward()
+    if not parallel_state.is_pipeline_last_stage():
+        torch.distributed.send(output.contiguous(), parallel_state.get_pipeline_model_parallel_next_rank())
+    return output
+
+
+def _parallel_worlds(cases: list) -> list:
+    """Run in each spawned rank: every (parallel sizes, config, HF tensors, tokens) case in turn,
+    re-initialising Megatron's groups."""
     results = []
-    for case in PARALLEL_CASES:
+    for sizes, config, hf_state, tokens in cases:
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=case["tp"],
-            expert_model_parallel_size=case["ep"],
-            expert_tensor_parallel_size=1 if case["ep"] > 1 else case["tp"],
+            tensor_model_parallel_size=sizes["tp"],
+            pipeline_model_parallel_size=sizes.get("pp", 1),
+            expert_model_parallel_size=sizes["ep"],
+            expert_tensor_parallel_size=1 if sizes["ep"] > 1 else sizes["tp"],
         )
         cpu_bridge.manual_seed(1234)
-        results.append(megatron_outputs(config, hf_state, tokens, **case))
+        results.append(megatron_outputs(config, hf_state, tokens, **sizes))
     return results
 
 
@@ -219,15 +242,24 @@ def test_logits_match_transformers_without_query_low_rank(single_process):
     torch.testing.assert_close(ours["mtp_logits"], reference["mtp_logits"], atol=ATOL, rtol=0)
 
 
-def test_logits_match_transformers_at_tp2_ep2_and_tp2_x_ep2(reference):
-    ranks = run_world(_parallel_worlds, 2, tiny_config(), reference["hf_state"], reference["tokens"])
+def test_logits_match_transformers_at_tp2_ep2_tp2xep2_and_pp2(reference):
+    deeper_config = tiny_config(num_hidden_layers=4)
+    deeper = hf_reference(deeper_config, seed=2)
+    cases = [(sizes, tiny_config(), reference["hf_state"], reference["tokens"]) for sizes in PARALLEL_CASES]
+    cases.append((PIPELINE_CASE, deeper_config, deeper["hf_state"], deeper["tokens"]))
+    ranks = run_world(_parallel_worlds, 2, cases)
+    expected = [reference] * len(PARALLEL_CASES) + [deeper]
+    assert ranks[0][-1] is None, "pipeline stage 0 must not produce logits"
     for rank, results in enumerate(ranks):
-        for case, ours in zip(PARALLEL_CASES, results):
+        for (sizes, *_), ours, wanted in zip(cases, results, expected):
+            if ours is None:
+                continue
             for key in ("logits", "mtp_logits"):
-                where = f"rank {rank} {case} {key}"
+                where = f"rank {rank} {sizes} {key}"
                 torch.testing.assert_close(
-                    ours[key], reference[key], atol=ATOL, rtol=0, msg=lambda m, w=where: f"{w}: {m}"
+                    ours[key], wanted[key], atol=ATOL, rtol=0, msg=lambda m, w=where: f"{w}: {m}"
                 )
+    assert ranks[1][-1] is not None
 
 
 def test_every_mapping_round_trips_bit_exactly(reference):
