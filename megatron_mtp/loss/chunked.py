@@ -124,7 +124,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         for start in range(0, x.size(0), ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             chunk = _ChunkLogits(x[rows], weight, labels[rows], ctx.vocab_start, ctx.tp_group, False)
-            grad_logits = (chunk.grad_logits(mask[rows]) * grad_loss).to(x.dtype)
+            grad_logits = chunk.grad_logits(mask[rows] * grad_loss).to(x.dtype)
             grad_x[rows] = grad_logits @ weight
             _accumulate_weight_grad(grad_weight, grad_logits, x[rows])
         return grad_x, grad_weight.to(weight.dtype), *_NONES
@@ -141,7 +141,10 @@ class _ChunkLogits:
 
     def __init__(self, x, weight, labels, vocab_start, tp_group, want_predictions):
         shifted = (x @ weight.t()).float()  # [c, V/tp]
-        local_max, local_ids = shifted.max(dim=-1)
+        if want_predictions:
+            local_max, local_ids = shifted.max(dim=-1)
+        else:
+            local_max = shifted.amax(dim=-1)
         global_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, tp_group)
         if want_predictions:
             # Lowest global id among the slices that hold the maximum, as a full-vocabulary argmax would give.
@@ -161,12 +164,15 @@ class _ChunkLogits:
         self.sum_exp = sums[0]
         self.token_loss = torch.log(self.sum_exp) - sums[1]  # [c]
 
-    def grad_logits(self, mask: torch.Tensor) -> torch.Tensor:
-        """mask[t] * (softmax - onehot(label)) for this slice, [c, V/tp] fp32 (overwrites the logits buffer)."""
-        grad = self.exp.div_(self.sum_exp.unsqueeze(-1))
+    def grad_logits(self, scale: torch.Tensor) -> torch.Tensor:
+        """scale[t] * (softmax - onehot(label)) for this slice, [c, V/tp] fp32 (overwrites the logits buffer).
+
+        scale: [c], the loss mask (times the incoming gradient when recomputing in backward).
+        """
+        grad = self.exp.mul_((scale / self.sum_exp).unsqueeze(-1))
         rows = torch.arange(grad.size(0), device=grad.device)
-        grad[rows, self.local_labels] -= self.owns_label.to(grad.dtype)
-        return grad.mul_(mask.unsqueeze(-1))
+        grad[rows, self.local_labels] -= scale * self.owns_label
+        return grad
 
 
 def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, x: torch.Tensor) -> None:
