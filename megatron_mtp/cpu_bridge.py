@@ -11,6 +11,7 @@ tracker, streams and ``torch.cuda.synchronize()``. Rather than patching each cal
 * makes ``torch.cuda.synchronize/empty_cache`` and the stream API harmless;
 * replaces the model-parallel RNG tracker with one that forks the CPU generator;
 * defines ``moe_utils.te_general_gemm`` (None) that the MoE router uses unguarded without TE;
+* gives the alltoall MoE dispatcher numpy split sizes and events it can synchronize on;
 * offers :class:`SequenceParallelNorm` and :func:`with_sequence_parallel_norms` because Megatron's
   torch norm refuses sequence parallelism (TE or apex provide that norm on GPU).
 
@@ -25,7 +26,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from megatron.core.tensor_parallel import random as mcore_random
-from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe import moe_utils, token_dispatcher
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 _state = threading.local()
@@ -101,7 +102,21 @@ class _NoStream:
         pass
 
     def record_event(self, event=None):
-        return event
+        # The alltoall MoE dispatcher synchronizes on the event it records.
+        return event if event is not None else _NoEvent()
+
+
+class _NoEvent:
+    """Stands in for ``torch.cuda.Event``: on CPU the work it marks is already done."""
+
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
 
 
 def _no_stream_context(stream=None):
@@ -128,10 +143,17 @@ def enable() -> None:
         mcore_random.initialize_rng_tracker = _keep_cpu_rng_tracker
         if not hasattr(moe_utils, "te_general_gemm"):  # referenced unguarded by the router without TE
             moe_utils.te_general_gemm = None
+        token_dispatcher.maybe_move_tensor_to_cpu = _host_tensor
         _enabled = True
     if not getattr(_state, "mode", None):
         _state.mode = _CudaToCpu()
         _state.mode.__enter__()
+
+
+def _host_tensor(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """``maybe_move_tensor_to_cpu`` for tensors already on the CPU: the alltoall MoE dispatcher asks for
+    numpy split sizes (Megatron converts only CUDA tensors; torch's all_to_all_single refuses tensors)."""
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
 
 
 def _keep_cpu_rng_tracker(*args, **kwargs):

@@ -39,7 +39,12 @@ from mp_world import run_world
 
 BATCH, SEQ = 2, 12
 ATOL = 1e-4
-PARALLEL_CASES = ({"tp": 2, "ep": 1}, {"tp": 1, "ep": 2}, {"tp": 2, "ep": 2})
+PARALLEL_CASES = (
+    {"tp": 2, "ep": 1},
+    {"tp": 1, "ep": 2},
+    {"tp": 2, "ep": 2},
+    {"tp": 1, "ep": 2, "dispatcher": "alltoall"},
+)
 PIPELINE_CASE = {"tp": 1, "ep": 1, "pp": 2}  # on a 4-layer variant: 2 layers per stage
 
 
@@ -155,10 +160,18 @@ def _capture_router_inputs(model):
 
 
 def megatron_outputs(
-    config: dict, hf_state: dict, tokens: torch.Tensor, tp: int = 1, ep: int = 1, pp: int = 1
+    config: dict,
+    hf_state: dict,
+    tokens: torch.Tensor,
+    tp: int = 1,
+    ep: int = 1,
+    pp: int = 1,
+    dispatcher: str = "allgather",
+    attention_mask: Optional[torch.Tensor] = None,
 ) -> Optional[dict]:
     """Our model of ``config`` at this process's parallel state, loaded from ``hf_state``: full logits and
-    depth-1 logits [b, s, V] (None on pipeline stages other than the last)."""
+    depth-1 logits [b, s, V] (None on pipeline stages other than the last). ``attention_mask``: bool,
+    True where masked; None lets the attention apply its causal mask."""
     model = build_model(
         config,
         tensor_model_parallel_size=tp,
@@ -168,7 +181,7 @@ def megatron_outputs(
         pipeline_dtype=torch.float32,
         use_cpu_initialization=True,
         gradient_accumulation_fusion=False,
-        moe_token_dispatcher_type="allgather",
+        moe_token_dispatcher_type=dispatcher,
         moe_grouped_gemm=False,
     ).eval()
     load_hf_state_dict(model, hf_state, config)
@@ -177,8 +190,8 @@ def megatron_outputs(
     if model.post_process:
         model.mtp.register_forward_hook(lambda module, args, output: depth_states.extend(output))
     with torch.no_grad():
-        logits = _pipelined(model, lambda **kw: model(tokens, positions, None, runtime_gather_output=True, **kw))
-        _pipelined(model, lambda **kw: model(tokens, positions, None, labels=tokens, compute_mtp=True, **kw))
+        logits = _pipelined(model, lambda: model(tokens, positions, attention_mask, runtime_gather_output=True))
+        _pipelined(model, lambda: model(tokens, positions, attention_mask, labels=tokens, compute_mtp=True))
         if not model.post_process:
             return None
         mtp_logits, _ = model.output_layer(depth_states[0], runtime_gather_output=True)
@@ -229,9 +242,11 @@ def test_routing_depends_on_group_limit_and_expert_bias(reference):
 
 
 def test_logits_and_mtp_logits_match_transformers_at_tp1(single_process, reference):
-    ours = megatron_outputs(tiny_config(), reference["hf_state"], reference["tokens"])
-    torch.testing.assert_close(ours["logits"], reference["logits"], atol=ATOL, rtol=0)
-    torch.testing.assert_close(ours["mtp_logits"], reference["mtp_logits"], atol=ATOL, rtol=0)
+    causal_mask = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).triu(1)
+    for mask in (None, causal_mask):  # the attention's own causal mask, then an explicit one
+        ours = megatron_outputs(tiny_config(), reference["hf_state"], reference["tokens"], attention_mask=mask)
+        torch.testing.assert_close(ours["logits"], reference["logits"], atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours["mtp_logits"], reference["mtp_logits"], atol=ATOL, rtol=0)
 
 
 def test_logits_match_transformers_without_query_low_rank(single_process):
@@ -242,7 +257,7 @@ def test_logits_match_transformers_without_query_low_rank(single_process):
     torch.testing.assert_close(ours["mtp_logits"], reference["mtp_logits"], atol=ATOL, rtol=0)
 
 
-def test_logits_match_transformers_at_tp2_ep2_tp2xep2_and_pp2(reference):
+def test_logits_match_transformers_at_tp2_ep2_tp2xep2_alltoall_and_pp2(reference):
     deeper_config = tiny_config(num_hidden_layers=4)
     deeper = hf_reference(deeper_config, seed=2)
     cases = [(sizes, tiny_config(), reference["hf_state"], reference["tokens"]) for sizes in PARALLEL_CASES]
