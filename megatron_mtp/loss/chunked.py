@@ -105,7 +105,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
                 grad_x[rows] = grad_logits @ weight
                 _accumulate_weight_grad(grad_weight, grad_logits, x[rows])
         ctx.tp_group, ctx.chunk_size, ctx.vocab_start = tp_group, chunk_size, vocab_start
-        ctx.kept_grads = keep_grads
+        ctx.kept_grads, ctx.consumed, ctx.weight_dtype = keep_grads, False, weight.dtype
         if keep_grads:
             ctx.save_for_backward(grad_x, grad_weight)
         else:
@@ -116,8 +116,12 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_predictions):
         if ctx.kept_grads:
+            # Scaled in place to save a weight-sized buffer, so a second backward would be wrong: refuse it.
+            if ctx.consumed:
+                raise RuntimeError("the chunked MTP loss keeps its gradients for one backward pass (no retain_graph)")
+            ctx.consumed = True
             grad_x, grad_weight = ctx.saved_tensors
-            return grad_x * grad_loss.to(grad_x.dtype), (grad_weight * grad_loss).to(grad_x.dtype), *_NONES
+            return grad_x.mul_(grad_loss.to(grad_x.dtype)), grad_weight.mul_(grad_loss).to(ctx.weight_dtype), *_NONES
         x, weight, labels, mask = ctx.saved_tensors
         grad_x = torch.empty_like(x)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)

@@ -86,6 +86,15 @@ def test_chunked_cross_entropy_matches_torch_with_all_tokens_masked_in_one_depth
             assert torch.isfinite(hidden_grad).all()
 
 
+def test_gradients_kept_from_forward_serve_one_backward_only():
+    head = OutputHead(_Linear(11, 4), None, _cross_entropy)
+    hidden = torch.randn(6, 2, 4, requires_grad=True)
+    result = chunked_depth_loss(hidden, head, torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6), None)
+    result.loss_sum.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        result.loss_sum.backward()
+
+
 def test_chunked_loss_rejects_bad_settings():
     with pytest.raises(ValueError, match="loss_chunk_size"):
         MTPConfig(loss_chunk_size=0)
