@@ -19,6 +19,7 @@ import warnings
 
 from megatron_mtp.deepseek.convert import export_hf_checkpoint, import_hf_checkpoint
 from megatron_mtp.deepseek.hf_checkpoint import CheckpointError
+from megatron_mtp.deepseek.safetensors_io import SafetensorsFormatError
 
 GIB = 2**30
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-gb",
         type=float,
         default=1.0,
-        help="Tensors saved per torch_dist write; peak memory is about this plus one HF shard mapping.",
+        help="Tensors (bf16) saved per torch_dist write: peak memory is about this plus the largest tensor.",
     )
     to_hf = commands.add_parser("export", help="Megatron torch_dist checkpoint -> Hugging Face safetensors")
     to_hf.add_argument("checkpoint", help="Checkpoint root (its latest iteration is exported).")
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
                     progress=not args.no_progress,
                 )
                 print(f"exported {len(files)} shards to {args.output} in {time.time() - start:.1f} s")
-        except (CheckpointError, FileExistsError, FileNotFoundError) as error:
+        except (CheckpointError, SafetensorsFormatError, FileExistsError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
     return 0

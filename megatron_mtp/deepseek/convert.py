@@ -7,7 +7,7 @@ global shapes and chunking come from the model's own ``sharded_state_dict`` at T
 device (no memory): torch_dist stores global tensors, so the checkpoint loads at any TP/PP/EP. The common state
 holds the HF ``config.json`` (``hf_config``) so export needs nothing else.
 
-Export loads the checkpoint a group at a time and writes bf16 safetensors shards (the router's expert bias stays
+Export loads the checkpoint a group at a time and streams bf16 safetensors shards (the router's expert bias stays
 float32, as DeepSeek stores it) with an index, including the MTP layers' copies of ``embed_tokens`` and
 ``shared_head.head`` that vLLM and SGLang read.
 """
@@ -27,13 +27,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from megatron_mtp import cpu_bridge
-from megatron_mtp.deepseek.hf_checkpoint import (
-    CheckpointError,
-    HFCheckpointReader,
-    ShardedSafetensorsWriter,
-    mtp_layer_names,
-)
+from megatron_mtp.deepseek.hf_checkpoint import CheckpointError, HFCheckpointReader, mtp_layer_names
 from megatron_mtp.deepseek.mapping import TensorMapping, mtp_shared_copies, tensor_mappings
+from megatron_mtp.deepseek.safetensors_io import PlannedTensor, StreamingSafetensorsWriter
 from megatron_mtp.deepseek.torch_dist_stream import StreamingDistCheckpointWriter, load_group
 from megatron_mtp.training.checkpointing import TRACKER_FILE, iteration_dir, latest_iteration
 
@@ -122,14 +118,14 @@ def export_hf_checkpoint(
     if config is None:
         raise CheckpointError(f"{directory} records no hf_config: it was not imported from a HF checkpoint")
     mappings = tensor_mappings(config)
-    copies = mtp_shared_copies(config)
     copies_of: Dict[str, List[str]] = {}
-    for copy_name, main_name in copies.items():
+    for copy_name, main_name in mtp_shared_copies(config).items():
         copies_of.setdefault(main_name, []).append(copy_name)
     with _single_process_world():
         model_state = _meta_sharded_state_dict(config)
         _check_mapping_covers_model(mappings, model_state)
-        with ShardedSafetensorsWriter(output_dir, max_shard_bytes) as hf_writer:
+        plan = _export_plan(mappings, model_state, copies_of)
+        with StreamingSafetensorsWriter(output_dir, plan, max_shard_bytes) as hf_writer:
             for group in _progress(
                 list(_groups(mappings, model_state, group_bytes)), progress, tqdm_factory, "export", "group"
             ):
@@ -137,10 +133,9 @@ def export_hf_checkpoint(
                 load_group(request, directory)
                 for mapping in group:
                     for name, tensor in zip(mapping.hf_keys, mapping.to_hf(request[mapping.megatron_key].data)):
-                        tensor = _hf_dtype(name, tensor)
-                        hf_writer.add(name, tensor)
-                        for copy_name in copies_of.get(name, []):
-                            hf_writer.add(copy_name, tensor)
+                        tensor = tensor.to(_hf_dtype(name))
+                        for written_name in [name, *copies_of.get(name, [])]:
+                            hf_writer.add(written_name, tensor)
     hf_config = {key: value for key, value in config.items() if key != "quantization_config"}
     with open(os.path.join(output_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
@@ -249,10 +244,23 @@ def _groups(mappings: List[TensorMapping], model_state: Dict, group_bytes: int) 
         yield group
 
 
-def _hf_dtype(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    if name.endswith(HF_FLOAT32_SUFFIXES):
-        return tensor.float()
-    return tensor.to(torch.bfloat16)
+def _hf_dtype(name: str) -> torch.dtype:
+    return torch.float32 if name.endswith(HF_FLOAT32_SUFFIXES) else torch.bfloat16
+
+
+def _export_plan(
+    mappings: List[TensorMapping], model_state: Dict, copies_of: Dict[str, List[str]]
+) -> List[PlannedTensor]:
+    """Every HF tensor export writes, in writing order (MTP copies right after their main tensor)."""
+    plan = []
+    for mapping in mappings:
+        shapes = [
+            t.shape for t in mapping.to_hf(torch.empty(_full_shape(model_state[mapping.megatron_key]), device="meta"))
+        ]
+        for name, shape in zip(mapping.hf_keys, shapes):
+            for written_name in [name, *copies_of.get(name, [])]:
+                plan.append(PlannedTensor(written_name, tuple(shape), _hf_dtype(name)))
+    return plan
 
 
 @contextlib.contextmanager
