@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     to_megatron.add_argument(
         "--group-gb",
         type=float,
-        default=1.0,
-        help="Tensors (bf16) saved per torch_dist write: peak memory is about this plus the largest tensor.",
+        default=0.5,
+        help="GB of tensors (bf16) per torch_dist write; one group is written while the next is read, so peak "
+        "memory is about twice this.",
     )
     to_hf = commands.add_parser("export", help="Megatron torch_dist checkpoint -> Hugging Face safetensors")
     to_hf.add_argument("checkpoint", help="Checkpoint root (its latest iteration is exported).")

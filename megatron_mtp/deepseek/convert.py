@@ -1,7 +1,8 @@
 """Convert DeepSeek-V3 checkpoints: Hugging Face directory <-> Megatron-Core torch_dist, streaming.
 
 Import reads the HF shards tensor by tensor (fp8 dequantized to bf16), maps them with
-:mod:`megatron_mtp.deepseek.mapping` and saves them a group at a time (``group_bytes``) into
+:mod:`megatron_mtp.deepseek.mapping` and saves them a group at a time (``group_bytes``; one group is written in the
+background while the next is read, so about twice that is resident) into
 ``ROOT/iter_0000000`` plus the tracker file, the layout :mod:`megatron_mtp.training.checkpointing` loads. Keys,
 global shapes and chunking come from the model's own ``sharded_state_dict`` at TP=PP=EP=1, built on the meta
 device (no memory): torch_dist stores global tensors, so the checkpoint loads at any TP/PP/EP. The common state
@@ -48,7 +49,7 @@ class ImportReport:
 def import_hf_checkpoint(
     hf_dir: str,
     output_root: str,
-    group_bytes: int = 2**30,
+    group_bytes: int = 2**29,
     progress: bool = False,
     tqdm_factory: Optional[Callable] = None,
 ) -> ImportReport:
@@ -70,27 +71,27 @@ def import_hf_checkpoint(
     with _single_process_world():
         model_state = _meta_sharded_state_dict(config)
         _check_mapping_covers_model(mappings, model_state)
-        writer = StreamingDistCheckpointWriter(staging)
         try:
-            group, filled = {}, 0
-            for mapping in _progress(mappings, progress, tqdm_factory, "import", "tensor"):
-                tensor = _read_megatron_tensor(reader, mapping, model_state[mapping.megatron_key])
-                group[mapping.megatron_key] = _with_data(model_state[mapping.megatron_key], tensor)
-                filled += tensor.numel() * tensor.element_size()
-                if filled >= group_bytes:
-                    writer.save_group(group)
-                    group, filled = {}, 0
-            group.update({key: value for key, value in model_state.items() if isinstance(value, ShardedObject)})
-            writer.save_group(group)
-            differences = _check_mtp_copies(reader)
-            leftovers = reader.unused()
-            if leftovers:
-                raise CheckpointError(
-                    f"{len(leftovers)} tensors of {hf_dir} were not used: "
-                    + ", ".join(f"{name} ({reader.weight_map[name]})" for name in leftovers[:20])
-                    + (" ..." if len(leftovers) > 20 else "")
-                )
-            writer.finish(dict(iteration=0, train_state=dict(consumed_samples=0), hf_config=config))
+            with StreamingDistCheckpointWriter(staging) as writer:
+                group, filled = {}, 0
+                for mapping in _progress(mappings, progress, tqdm_factory, "import", "tensor"):
+                    tensor = _read_megatron_tensor(reader, mapping, model_state[mapping.megatron_key])
+                    group[mapping.megatron_key] = _with_data(model_state[mapping.megatron_key], tensor)
+                    filled += tensor.numel() * tensor.element_size()
+                    if filled >= group_bytes:
+                        writer.save_group(group)
+                        group, filled = {}, 0
+                group.update({key: value for key, value in model_state.items() if isinstance(value, ShardedObject)})
+                writer.save_group(group)
+                differences = _check_mtp_copies(reader)
+                leftovers = reader.unused()
+                if leftovers:
+                    raise CheckpointError(
+                        f"{len(leftovers)} tensors of {hf_dir} were not used: "
+                        + ", ".join(f"{name} ({reader.weight_map[name]})" for name in leftovers[:20])
+                        + (" ..." if len(leftovers) > 20 else "")
+                    )
+                writer.finish(dict(iteration=0, train_state=dict(consumed_samples=0), hf_config=config))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -18,7 +18,8 @@ import math
 import os
 import pickle
 import shutil
-from typing import Any, Dict, List, Tuple
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -41,7 +42,11 @@ DCP_METADATA = ".metadata"
 
 
 class StreamingDistCheckpointWriter:
-    """``save_group(sharded_state_dict)`` repeatedly, then ``finish(common_state)``. Single process."""
+    """``save_group(sharded_state_dict)`` repeatedly, then ``finish(common_state)``. Single process.
+
+    A group is written in a background thread while the caller prepares the next one (disk and CPU overlap), so
+    two groups may be in memory at once. Use as a context manager: leaving it waits for the write in flight.
+    """
 
     def __init__(self, directory: str):
         if os.path.exists(directory) and os.listdir(directory):
@@ -52,13 +57,39 @@ class StreamingDistCheckpointWriter:
         self.state_dict_metadata: Dict[str, Any] = {}
         self.storage_data: Dict[Any, Any] = {}
         self.planner_data: Dict[str, Any] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1)
+        self._in_flight: Optional[Future] = None
 
     def save_group(self, sharded_state_dict: Dict[str, Any]) -> None:
-        """Save ShardedTensors (or factories) whose chunks no earlier group saved."""
+        """Save ShardedTensors (or factories) whose chunks no earlier group saved; returns once the previous
+        group is on disk and this one is being written."""
+        state = _dcp_state_dict(sharded_state_dict)
+        self.wait()
+        self._in_flight = self._executor.submit(self._write_group, state)
+
+    def wait(self) -> None:
+        """Block until the group in flight is written (raising its error, if any)."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+
+    def __enter__(self) -> "StreamingDistCheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            elif self._in_flight is not None:
+                self._in_flight.exception()  # let it finish; the caller's error is the one to report
+        finally:
+            self._executor.shutdown()
+
+    def _write_group(self, state: Dict[str, Any]) -> None:
         scratch = os.path.join(self.directory, f".group_{self.groups:06d}")
         os.makedirs(scratch)
         metadata = dcp.save(
-            _dcp_state_dict(sharded_state_dict),
+            state,
             storage_writer=dcp.FileSystemWriter(scratch, thread_count=1),
             planner=_ChunkSavePlanner(flatten_state_dict=False, can_run_decentralized_global_plan=False),
             no_dist=True,
@@ -97,6 +128,7 @@ class StreamingDistCheckpointWriter:
 
     def finish(self, common_state: Dict[str, Any]) -> None:
         """Check coverage, write the merged ``.metadata`` and the common state (``common.pt``, ``metadata.json``)."""
+        self.wait()
         for key, entry in self.state_dict_metadata.items():
             if isinstance(entry, BytesStorageMetadata):
                 continue
