@@ -1,6 +1,6 @@
 """DeepSeek-V3 checkpoint conversion on tiny random checkpoints written in the released on-disk layout.
 
-fp8 block dequantization against a direct reference; import -> load at TP=1, TP=2 and EP=2 equals loading the
+fp8 block dequantization against a direct reference; import -> load at TP=1, TP=2, EP=2 and PP=2 equals loading the
 dequantized HF tensors directly (weights and logits); HF -> Megatron -> HF bit-exact (bf16); each bad input is a
 clear error naming the tensor and file; leftovers are reported; a differing MTP copy warns with the difference.
 """
@@ -27,8 +27,9 @@ from megatron_mtp.deepseek.model import build_model
 from megatron_mtp.training.checkpointing import load_model_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# hidden 160 and intermediate 200: fp8 weights span several 128-blocks with partial edge blocks.
-FP8_CONFIG = tiny_config(hidden_size=160, intermediate_size=200)
+# hidden 160 and intermediate 200: fp8 weights span several 128-blocks with partial edge blocks. 4 layers: 2 per
+# pipeline stage at PP=2; the MTP layer is model.layers.4.
+FP8_CONFIG = tiny_config(hidden_size=160, intermediate_size=200, num_hidden_layers=4)
 INDEX = "model.safetensors.index.json"
 
 
@@ -83,9 +84,11 @@ def edit_index(directory: str, edit) -> None:
         json.dump(index, f)
 
 
-def build(config: dict, tp: int = 1, ep: int = 1):
+def build(config: dict, tp: int = 1, ep: int = 1, pp: int = 1):
     return build_model(
         config,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.float32,
         tensor_model_parallel_size=tp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=1 if ep > 1 else tp,
@@ -102,9 +105,12 @@ def logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens, positions, None, runtime_gather_output=True)
 
 
-def compare_loaded(config: dict, root: str, hf_state: dict, tokens: torch.Tensor, tp: int, ep: int) -> dict:
-    """This rank's model loaded from the converted checkpoint vs one loaded from the HF tensors directly."""
-    converted, direct = build(config, tp, ep), build(config, tp, ep)
+def compare_loaded(
+    config: dict, root: str, hf_state: dict, tokens: torch.Tensor, tp: int, ep: int, pp: int = 1
+) -> dict:
+    """This rank's model loaded from the converted checkpoint vs one loaded from the HF tensors directly (logits
+    only without pipeline parallelism)."""
+    converted, direct = build(config, tp, ep, pp), build(config, tp, ep, pp)
     load_model_weights(root, converted)
     load_hf_state_dict(direct, hf_state, config)
     expected = direct.state_dict()
@@ -113,20 +119,23 @@ def compare_loaded(config: dict, root: str, hf_state: dict, tokens: torch.Tensor
         for name, value in converted.state_dict().items()
         if torch.is_tensor(value) and value.is_floating_point()
     }
+    if pp > 1:
+        return dict(weights=weights, logits=None)
     return dict(weights=weights, logits=(logits(converted, tokens) - logits(direct, tokens)).abs().max().item())
 
 
 def _parallel_cases(config: dict, root: str, hf_state: dict, tokens: torch.Tensor) -> list:
     results = []
-    for tp, ep in ((2, 1), (1, 2)):
+    for tp, ep, pp in ((2, 1, 1), (1, 2, 1), (1, 1, 2)):
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
             expert_model_parallel_size=ep,
             expert_tensor_parallel_size=1 if ep > 1 else tp,
         )
         cpu_bridge.manual_seed(1234)
-        results.append(dict(tp=tp, ep=ep, **compare_loaded(config, root, hf_state, tokens, tp, ep)))
+        results.append(dict(tp=tp, ep=ep, pp=pp, **compare_loaded(config, root, hf_state, tokens, tp, ep, pp)))
     return results
 
 
@@ -148,7 +157,7 @@ def test_fp8_checkpoint_imports_and_loads_like_dequantized_hf_tensors(single_pro
     config = write_tiny_checkpoint(hf_dir, FP8_CONFIG, fp8=True, num_shards=4)
     stored = read_hf_dir(hf_dir)
     assert any(t.dtype == torch.float8_e4m3fn for t in stored.values())
-    assert any(name.startswith("model.layers.3.mlp.experts.7.") for name in stored)  # per-expert MTP tensors
+    assert any(name.startswith("model.layers.4.mlp.experts.7.") for name in stored)  # per-expert MTP tensors
     partial = [
         n for n, t in stored.items() if t.dtype == torch.float8_e4m3fn and min(t.shape) > 128 and t.shape[1] % 128
     ]
@@ -158,8 +167,8 @@ def test_fp8_checkpoint_imports_and_loads_like_dequantized_hf_tensors(single_pro
     assert report.tensors == len(stored)
     assert os.path.isdir(os.path.join(root, "iter_0000000"))
     assert report.mtp_copy_max_difference == {
-        "model.layers.3.embed_tokens.weight": 0.0,
-        "model.layers.3.shared_head.head.weight": 0.0,
+        "model.layers.4.embed_tokens.weight": 0.0,
+        "model.layers.4.shared_head.head.weight": 0.0,
     }
     hf_state = dequantized_hf_state(hf_dir)
     tokens = torch.randint(0, config["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
@@ -167,9 +176,15 @@ def test_fp8_checkpoint_imports_and_loads_like_dequantized_hf_tensors(single_pro
     assert single["weights"] and max(single["weights"].values()) == 0.0, single["weights"]
     assert single["logits"] == 0.0
 
-    for case in run_world(_parallel_cases, 2, config, root, hf_state, tokens)[0]:
-        assert case["weights"] and max(case["weights"].values()) == 0.0, case
-        assert case["logits"] == 0.0, case
+    ranks = run_world(_parallel_cases, 2, config, root, hf_state, tokens)
+    for rank in ranks:
+        for case in rank:
+            assert case["weights"] and max(case["weights"].values()) == 0.0, case
+            assert case["logits"] == (None if case["pp"] > 1 else 0.0), case
+    pipeline_stages = [next(case for case in rank if case["pp"] == 2)["weights"] for rank in ranks]
+    assert (
+        "embedding.word_embeddings.weight" in pipeline_stages[0] and "mtp.layers.0.eh_proj.weight" in pipeline_stages[1]
+    )
 
 
 # ---- round trip ---------------------------------------------------------------------------------------------------
