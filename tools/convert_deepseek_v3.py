@@ -1,15 +1,17 @@
 """Convert DeepSeek-V3 checkpoints between Hugging Face safetensors and Megatron-Core torch_dist.
 
     python tools/convert_deepseek_v3.py import /models/DeepSeek-V3 /checkpoints/dsv3
-    python tools/convert_deepseek_v3.py export /checkpoints/dsv3 /models/DeepSeek-V3-trained
+    python tools/convert_deepseek_v3.py export /checkpoints/dsv3-trained /models/DeepSeek-V3-trained \
+        --hf-config /models/DeepSeek-V3/config.json
 
 import: a HF directory (config.json, model.safetensors.index.json, shards; fp8 e4m3 with weight_scale_inv or
 bf16) -> ROOT/iter_0000000 + latest_checkpointed_iteration.txt, loadable by the pretrain script at any TP/PP/EP
 with --hf-config and --finetune. fp8 weights are dequantized to bf16. Tensors stream one at a time; every tensor
 must be used exactly once (leftovers are an error naming them); the MTP layer's embed_tokens / shared_head.head
 copies are checked against the main ones (a difference only warns).
-export: a torch_dist checkpoint made by import (or trained from one) -> bf16 safetensors shards, index and
-config.json, with the MTP layer's embed_tokens / shared_head.head copies that vLLM and SGLang read.
+export: a torch_dist checkpoint made by import, or saved by the pretrain script (then pass --hf-config) -> bf16
+safetensors shards (streamed; --shard-gb each), index and config.json, with the MTP layer's embed_tokens /
+shared_head.head copies that vLLM and SGLang read.
 """
 
 import argparse
@@ -44,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf = commands.add_parser("export", help="Megatron torch_dist checkpoint -> Hugging Face safetensors")
     to_hf.add_argument("checkpoint", help="Checkpoint root (its latest iteration is exported).")
     to_hf.add_argument("output", help="Directory for the safetensors shards, index and config.json.")
+    to_hf.add_argument(
+        "--hf-config",
+        default=None,
+        help="The model's HF config.json; needed for a checkpoint the pretrain script saved (an imported one "
+        "records its own).",
+    )
     to_hf.add_argument("--shard-gb", type=float, default=5.0, help="Largest safetensors shard.")
     to_hf.add_argument("--group-gb", type=float, default=1.0, help="Tensors read per torch_dist load (float32).")
     for command in (to_megatron, to_hf):
@@ -73,6 +81,7 @@ def main(argv=None) -> int:
                     int(args.shard_gb * GIB),
                     int(args.group_gb * GIB),
                     progress=not args.no_progress,
+                    hf_config=args.hf_config,
                 )
                 print(f"exported {len(files)} shards to {args.output} in {time.time() - start:.1f} s")
         except (CheckpointError, SafetensorsFormatError, FileExistsError, FileNotFoundError) as error:

@@ -29,6 +29,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from megatron_mtp import cpu_bridge
 from megatron_mtp.deepseek.hf_checkpoint import CheckpointError, HFCheckpointReader, mtp_layer_names
+from megatron_mtp.deepseek.hf_config import load_hf_config
 from megatron_mtp.deepseek.mapping import TensorMapping, mtp_shared_copies, tensor_mappings
 from megatron_mtp.deepseek.safetensors_io import PlannedTensor, StreamingSafetensorsWriter
 from megatron_mtp.deepseek.torch_dist_stream import StreamingDistCheckpointWriter, load_group
@@ -108,16 +109,19 @@ def export_hf_checkpoint(
     group_bytes: int = 2**30,
     progress: bool = False,
     tqdm_factory: Optional[Callable] = None,
+    hf_config: Optional[str] = None,
 ) -> List[str]:
     """torch_dist checkpoint (its latest iteration) -> HF safetensors shards + index + config.json.
 
-    Returns the shard file names. The MTP layers' ``embed_tokens`` / ``shared_head.head`` copies are written.
+    ``hf_config`` (a config.json path or dict) is needed when the checkpoint does not record one, i.e. when the
+    pretrain script saved it rather than :func:`import_hf_checkpoint`. Returns the shard file names. The MTP layers'
+    ``embed_tokens`` / ``shared_head.head`` copies are written.
     """
     directory = iteration_dir(checkpoint_root, latest_iteration(checkpoint_root))
     common = dist_checkpointing.load_common_state_dict(directory)
-    config = common.get("hf_config")
+    config = load_hf_config(hf_config) if hf_config is not None else common.get("hf_config")
     if config is None:
-        raise CheckpointError(f"{directory} records no hf_config: it was not imported from a HF checkpoint")
+        raise CheckpointError(f"{directory} records no HF config (the pretrain script saved it): give hf_config")
     mappings = tensor_mappings(config)
     copies_of: Dict[str, List[str]] = {}
     for copy_name, main_name in mtp_shared_copies(config).items():

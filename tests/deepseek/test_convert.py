@@ -307,16 +307,38 @@ def test_differing_mtp_copy_warns_with_max_difference(fp8_dir, tmp_path):
     assert report.mtp_copy_max_difference[name] == expected
 
 
-def test_pretrain_finetunes_from_an_imported_checkpoint(tmp_path):
-    hf_dir, root = str(tmp_path / "hf"), str(tmp_path / "megatron")
+def test_pretrain_finetunes_from_an_imported_checkpoint_and_its_save_exports(tmp_path):
+    hf_dir, root, trained, out = (str(tmp_path / name) for name in ("hf", "megatron", "trained", "out"))
     write_tiny_checkpoint(hf_dir, tiny_config(vocab_size=384), fp8=True)  # room for the byte-level tokenizer
     import_hf_checkpoint(hf_dir, root)
     command = [sys.executable, "-m", "megatron_mtp.pretrain", "--hf-config", os.path.join(hf_dir, "config.json")]
     command += ["--load", root, "--finetune", "--train-iters", "2", "--seq-length", "32", "--micro-batch-size", "2"]
-    command += ["--log-interval", "1", "--eval-interval", "0", "--lr-warmup-iters", "1"]
+    command += [
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr-warmup-iters",
+        "1",
+        "--lr",
+        "1e-2",
+        "--save",
+        trained,
+    ]
     command += ["--data-cache-dir", os.path.join(os.path.expanduser("~"), ".cache", "megatron_mtp")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"loaded model weights from {root}; training starts at iteration 0" in result.stdout
     losses = [float(line.split("lm loss ")[1].split()[0]) for line in result.stdout.splitlines() if "lm loss " in line]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses), result.stdout
+
+    with pytest.raises(CheckpointError, match="records no HF config"):
+        export_hf_checkpoint(trained, out)
+    export_hf_checkpoint(trained, out, hf_config=os.path.join(hf_dir, "config.json"))
+    original, exported = dequantized_hf_state(hf_dir), read_hf_dir(out)
+    assert set(exported) == set(original)
+    assert all(exported[name].shape == original[name].shape for name in original)
+    changed = [name for name in original if not torch.equal(exported[name], original[name].to(exported[name].dtype))]
+    assert "model.layers.3.eh_proj.weight" in changed and "lm_head.weight" in changed, changed
+    assert torch.equal(exported["model.layers.3.embed_tokens.weight"], exported["model.embed_tokens.weight"])
+    assert torch.equal(exported["model.layers.3.shared_head.head.weight"], exported["lm_head.weight"])
