@@ -97,8 +97,10 @@ def import_hf_checkpoint(
             shutil.rmtree(staging, ignore_errors=True)
             raise
     os.replace(staging, final)
-    with open(os.path.join(output_root, TRACKER_FILE), "w") as f:
+    tracker = os.path.join(output_root, TRACKER_FILE)
+    with open(tracker + ".tmp", "w") as f:
         f.write("0")
+    os.replace(tracker + ".tmp", tracker)
     return ImportReport(final, len(reader.used), reader.total_bytes(), differences)
 
 
