@@ -26,8 +26,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.loss.chunked import chunked
 from megatron_mtp.loss.latent import LatentTargets
-from megatron_mtp.loss.metrics import MTPStats, vocab_parallel_argmax
-from megatron_mtp.loss.mtp_loss import OutputHead, inject_mtp_loss, mtp_loss, plain_depth_loss
+from megatron_mtp.loss.metrics import MTPStats, count_main_agreement, vocab_parallel_argmax
+from megatron_mtp.loss.mtp_loss import MTPLossResult, OutputHead, inject_mtp_loss, mtp_loss, plain_depth_loss
 
 
 class MTPGPTModel(GPTModel):
@@ -163,21 +163,19 @@ class MTPGPTModel(GPTModel):
         if not self.post_process:
             return hidden_states
 
+        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         run_mtp = hasattr(self, "mtp") and labels is not None and (self.training if compute_mtp is None else compute_mtp)
         if run_mtp:
-            self._check_mtp_inputs(input_ids, labels, loss_mask, packed_seq_params, mtp_step)
-            depth_hidden_states = self.mtp(
-                hidden_states,
-                attention_mask,
-                input_ids=input_ids,
-                position_ids=position_ids,
-                embedding=self.embedding if self.mtp_process else None,
-                rotary_pos_emb=rotary_pos_emb,
-                rotary_pos_cos=rotary_pos_cos,
-                rotary_pos_sin=rotary_pos_sin,
+            if loss_mask is None:
+                loss_mask = torch.ones_like(labels)
+            # Before the main logits exist, so the MTP loss's transient buffers do not add to theirs.
+            mtp_result = self._mtp_loss(
+                hidden_states, output_weight, labels, loss_mask, mtp_stats is not None, mtp_step,
+                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                packed_seq_params=packed_seq_params, rotary_pos_emb=rotary_pos_emb,
+                rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
             )
 
-        trunk_hidden_states = hidden_states
         in_inference = inference_context is not None and not self.training
         if in_inference:
             if not runtime_gather_output:
@@ -186,7 +184,6 @@ class MTPGPTModel(GPTModel):
                 if not inference_context.is_static_batching():
                     raise NotImplementedError("MTPGPTModel supports static-batching inference contexts only")
                 hidden_states = hidden_states[-1:]
-        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
@@ -194,24 +191,38 @@ class MTPGPTModel(GPTModel):
         if not run_mtp:
             return lm_loss
 
-        if loss_mask is None:
-            loss_mask = torch.ones_like(labels)
-        main_predictions = None if mtp_stats is None else vocab_parallel_argmax(logits, self.output_layer.tp_group).t()
-        result = mtp_loss(
+        if mtp_stats is not None:
+            main_predictions = vocab_parallel_argmax(logits, self.output_layer.tp_group).t()
+            mtp_stats.add(count_main_agreement(mtp_result.stats, mtp_result.predictions, main_predictions, loss_mask))
+        return inject_mtp_loss(lm_loss, mtp_result.term, loss_mask, self.config.calculate_per_token_loss)
+
+    def _mtp_loss(
+        self, hidden_states, output_weight, labels, loss_mask, want_predictions, mtp_step, *, input_ids,
+        position_ids, attention_mask, packed_seq_params, **rotary
+    ) -> MTPLossResult:
+        """Run the MTP block on the decoder output h_0 [s, b, h] and return its loss term and counts."""
+        self._check_mtp_inputs(input_ids, labels, loss_mask, packed_seq_params, mtp_step)
+        depth_hidden_states = self.mtp(
+            hidden_states,
+            attention_mask,
+            input_ids=input_ids,
+            position_ids=position_ids,
+            embedding=self.embedding if self.mtp_process else None,
+            **rotary,
+        )
+        config = self.mtp_config
+        return mtp_loss(
             depth_hidden_states,
             OutputHead(self.output_layer, output_weight, self.compute_language_model_loss, self.output_layer.tp_group),
             labels,
             loss_mask,
-            main_predictions,
-            depth_weights=self.mtp_config.depth_weights(),
-            loss_scale=self.mtp_config.loss_scaling_factor if mtp_step is None else self.mtp_config.loss_scale_at(mtp_step),
+            depth_weights=config.depth_weights(),
+            loss_scale=config.loss_scaling_factor if mtp_step is None else config.loss_scale_at(mtp_step),
             per_token_loss=self.config.calculate_per_token_loss,
             depth_loss=self._depth_loss(),
-            latent_targets=self._latent_targets(trunk_hidden_states) if self.mtp_config.latent_losses else None,
+            latent_targets=self._latent_targets(hidden_states) if config.latent_losses else None,
+            want_predictions=want_predictions,
         )
-        if mtp_stats is not None:
-            mtp_stats.add(result.stats)
-        return inject_mtp_loss(lm_loss, result.term, loss_mask, self.config.calculate_per_token_loss)
 
     def _depth_loss(self):
         if self.mtp_config.loss_implementation == "plain":

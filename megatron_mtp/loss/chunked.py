@@ -25,7 +25,7 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
-from megatron_mtp.loss.mtp_loss import DepthLoss, OutputHead, depth_stats
+from megatron_mtp.loss.mtp_loss import DepthLoss, OutputHead
 
 DEFAULT_CHUNK_SIZE = 256
 
@@ -35,7 +35,7 @@ def chunked_depth_loss(
     head: OutputHead,
     labels: torch.Tensor,
     loss_mask: torch.Tensor,
-    main_predictions: Optional[torch.Tensor],
+    want_predictions: bool,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     grad_in_forward: bool = True,
 ) -> DepthLoss:
@@ -44,7 +44,7 @@ def chunked_depth_loss(
     Args:
         hidden_states: h_k, [s, b, h] ([s/tp, b, h] under sequence parallelism).
         labels, loss_mask: already rolled for this depth, [b, s].
-        main_predictions: the main model's greedy ids for the same targets, [b, s], or None to skip metrics.
+        want_predictions: also return the greedy ids, for the acceptance metrics.
     """
     output_layer = head.output_layer
     if getattr(output_layer, "bias", None) is not None:
@@ -64,12 +64,9 @@ def chunked_depth_loss(
         tp_group,
         chunk_size,
         grad_in_forward,
-        main_predictions is not None,
+        want_predictions,
     )
-    if main_predictions is None:
-        return DepthLoss(loss_sum, torch.zeros(4, device=loss_sum.device))
-    predictions = predictions.view(seq_len, batch).t()
-    return DepthLoss(loss_sum, depth_stats(loss_sum, predictions, labels, loss_mask, main_predictions))
+    return DepthLoss(loss_sum, predictions.view(seq_len, batch).t() if want_predictions else None)
 
 
 def chunked(chunk_size: int, grad_in_forward: bool):

@@ -1,9 +1,11 @@
 """MTP metrics as additive counts: per-depth CE sums, token counts and top-1 agreement counts."""
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+
+from megatron_mtp.layers.roll import roll_left
 
 STAT_FIELDS = (
     "loss_sum",
@@ -35,6 +37,23 @@ def vocab_parallel_argmax(logits: torch.Tensor, tp_group: Optional[dist.ProcessG
     gathered = gathered.view(tp_size, *packed.shape)  # [tp, 2, s, b]
     best_rank = gathered[:, 0].argmax(dim=0, keepdim=True)  # first maximum = lowest vocab slice
     return gathered[:, 1].gather(0, best_rank).squeeze(0).long()
+
+
+@torch.no_grad()
+def count_main_agreement(
+    stats: torch.Tensor, depth_predictions: List[torch.Tensor], main_predictions: torch.Tensor, loss_mask: torch.Tensor
+) -> torch.Tensor:
+    """``stats`` [D, 6] with ``correct_main`` filled in: valid targets where depth k's greedy id at position t
+    equals the main model's at position t+k (the same target token).
+
+    Args:
+        depth_predictions: per depth [b, s]; main_predictions, loss_mask: [b, s] (main alignment).
+    """
+    stats = stats.clone()
+    for depth, predictions in enumerate(depth_predictions, start=1):
+        valid = roll_left(loss_mask, depth) > 0
+        stats[depth - 1, 3] = ((predictions == roll_left(main_predictions, depth)) & valid).sum()
+    return stats
 
 
 class MTPStats:

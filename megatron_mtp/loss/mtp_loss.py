@@ -31,7 +31,7 @@ class OutputHead(NamedTuple):
 
 class DepthLoss(NamedTuple):
     loss_sum: torch.Tensor  # scalar, masked CE sum, differentiable
-    stats: torch.Tensor  # [4] detached counts in metrics.STAT_FIELDS order
+    predictions: Optional[torch.Tensor]  # [b, s] greedy ids (global vocabulary), when requested
 
 
 def plain_depth_loss(
@@ -39,41 +39,26 @@ def plain_depth_loss(
     head: OutputHead,
     labels: torch.Tensor,
     loss_mask: torch.Tensor,
-    main_predictions: Optional[torch.Tensor],
+    want_predictions: bool,
 ) -> DepthLoss:
     """One depth's loss with its full logits materialised (the reference implementation).
 
     Args:
         hidden_states: h_k, [s, b, h] ([s/tp, b, h] under SP; the output layer gathers).
         labels, loss_mask: already rolled for this depth, [b, s].
-        main_predictions: the main model's greedy ids for the same targets, [b, s], or None to skip metrics.
+        want_predictions: also return the greedy ids, for the acceptance metrics.
     """
     logits, _ = head.output_layer(hidden_states, weight=head.weight)  # [s, b, V/tp]
     token_loss = head.cross_entropy(labels, logits)  # [b, s]
     loss_sum = (token_loss * loss_mask).sum()
-    if main_predictions is None:
-        return DepthLoss(loss_sum, torch.zeros(4, device=loss_sum.device))
-    predictions = vocab_parallel_argmax(logits.detach(), head.tp_group).t()  # [b, s]
-    return DepthLoss(loss_sum, depth_stats(loss_sum, predictions, labels, loss_mask, main_predictions))
-
-
-@torch.no_grad()
-def depth_stats(loss_sum, predictions, labels, loss_mask, main_predictions) -> torch.Tensor:
-    """[4] counts in metrics.STAT_FIELDS order from one depth's greedy ids, labels and the main model's ids."""
-    valid = loss_mask > 0
-    return torch.stack(
-        (
-            loss_sum.detach().float(),
-            valid.sum().float(),
-            ((predictions == labels) & valid).sum().float(),
-            ((predictions == main_predictions) & valid).sum().float(),
-        )
-    )
+    predictions = vocab_parallel_argmax(logits.detach(), head.tp_group).t() if want_predictions else None
+    return DepthLoss(loss_sum, predictions)
 
 
 class MTPLossResult(NamedTuple):
     term: torch.Tensor  # scalar: lambda * weighted MTP loss, differentiable
-    stats: torch.Tensor  # [D, 6] detached sums in metrics.STAT_FIELDS order (counts zero without metrics)
+    stats: torch.Tensor  # [D, 6] detached, metrics.STAT_FIELDS order; agreement with main still 0
+    predictions: Optional[List[torch.Tensor]]  # per depth [b, s] greedy ids, aligned with the depth's labels
 
 
 def mtp_loss(
@@ -81,36 +66,32 @@ def mtp_loss(
     head: OutputHead,
     labels: torch.Tensor,
     loss_mask: torch.Tensor,
-    main_predictions: Optional[torch.Tensor],
     depth_weights: Sequence[float],
     loss_scale: float,
     per_token_loss: bool,
     depth_loss: Callable[..., DepthLoss] = plain_depth_loss,
     latent_targets: Optional[LatentTargets] = None,
+    want_predictions: bool = False,
 ) -> MTPLossResult:
     """
     Args:
         depth_hidden_states: [h_1, ..., h_D], each [s, b, h].
         labels, loss_mask: the main (next-token) labels and mask, [b, s].
-        main_predictions: greedy ids of the main model, [b, s] (position t predicts token t+1), or None.
         depth_weights: w_1..w_D (unnormalised); loss_scale: lambda.
         depth_loss: ``plain_depth_loss`` or ``chunked.chunked_depth_loss`` (same results, less memory).
         latent_targets: adds the latent semantic enhancement terms (see ``loss/latent.py``), weighted by
             their own factors: ``sum_k w_k (lambda L_k + alpha LC_k + beta SA_k) / sum_k w_k``.
+        want_predictions: count top-1 hits against the labels and return each depth's greedy ids, so
+            ``metrics.count_main_agreement`` can compare them with the main model's afterwards.
     """
     loss_mask = loss_mask.float()
     term = torch.zeros((), device=labels.device)
     all_stats: List[torch.Tensor] = []
+    all_predictions: List[torch.Tensor] = []
     for depth, (hidden_states, weight) in enumerate(zip(depth_hidden_states, depth_weights), start=1):
         mask_k = roll_left(loss_mask, depth)
         labels_k = roll_left(labels, depth)
-        result = depth_loss(
-            hidden_states,
-            head,
-            labels_k,
-            mask_k,
-            None if main_predictions is None else roll_left(main_predictions, depth),
-        )
+        result = depth_loss(hidden_states, head, labels_k, mask_k, want_predictions)
         tokens = 1.0 if per_token_loss else mask_k.sum().clamp(min=1.0)
         depth_term = loss_scale * result.loss_sum
         latent = torch.zeros(2, device=labels.device)
@@ -123,9 +104,20 @@ def mtp_loss(
             )
             latent = torch.stack((sums.consistency.detach(), sums.anchoring.detach()))
         term = term + weight * depth_term / tokens
-        all_stats.append(torch.cat((result.stats, latent)))
+        all_stats.append(_depth_stats(result, labels_k, mask_k, latent))
+        if want_predictions:
+            all_predictions.append(result.predictions)
     term = term / sum(depth_weights)
-    return MTPLossResult(term, torch.stack(all_stats))
+    return MTPLossResult(term, torch.stack(all_stats), all_predictions if want_predictions else None)
+
+
+@torch.no_grad()
+def _depth_stats(result: DepthLoss, labels, loss_mask, latent) -> torch.Tensor:
+    """[6] in metrics.STAT_FIELDS order; top-1 hits only when predictions were made, main agreement later."""
+    valid = loss_mask > 0
+    zero = torch.zeros((), device=labels.device)
+    hits = zero if result.predictions is None else ((result.predictions == labels) & valid).sum().float()
+    return torch.stack((result.loss_sum.detach().float(), valid.sum().float(), hits, zero, latent[0], latent[1]))
 
 
 class _InjectMTPLoss(torch.autograd.Function):

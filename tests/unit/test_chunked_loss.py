@@ -77,7 +77,7 @@ def test_chunked_cross_entropy_matches_torch_with_all_tokens_masked_in_one_depth
     labels = torch.randint(0, 11, (2, 6))
     for mask in (torch.ones(2, 6), torch.zeros(2, 6)):
         for grad_in_forward in (True, False):
-            result = chunked_depth_loss(hidden, head, labels, mask, None, chunk_size=5, grad_in_forward=grad_in_forward)
+            result = chunked_depth_loss(hidden, head, labels, mask, False, chunk_size=5, grad_in_forward=grad_in_forward)
             expected = (_cross_entropy(labels, hidden @ head.output_layer.weight.t()) * mask).sum()
             torch.testing.assert_close(result.loss_sum, expected)
             (hidden_grad,) = torch.autograd.grad(result.loss_sum * 3.0, hidden)
@@ -89,7 +89,7 @@ def test_chunked_cross_entropy_matches_torch_with_all_tokens_masked_in_one_depth
 def test_gradients_kept_from_forward_serve_one_backward_only():
     head = OutputHead(_Linear(11, 4), None, _cross_entropy)
     hidden = torch.randn(6, 2, 4, requires_grad=True)
-    result = chunked_depth_loss(hidden, head, torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6), None)
+    result = chunked_depth_loss(hidden, head, torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6), False)
     result.loss_sum.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         result.loss_sum.backward()
@@ -105,7 +105,7 @@ def test_chunked_loss_rejects_bad_settings():
     head = OutputHead(_Linear(11, 4), None, _cross_entropy)
     head.output_layer.bias = torch.zeros(11)
     with pytest.raises(ValueError, match="without bias"):
-        chunked_depth_loss(torch.randn(3, 1, 4), head, torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3), None)
+        chunked_depth_loss(torch.randn(3, 1, 4), head, torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3), False)
 
 
 SEQ, BATCH, HIDDEN, VOCAB = 7, 2, 4, 13
@@ -144,7 +144,7 @@ def test_latent_losses_match_formulas_and_stop_gradients():
     head, depth_states, trunk, embedding, labels, mask = _latent_case()
     weights = (1.0, 0.5)
     targets = LatentTargets(0.3, 0.2, trunk, embedding, None, False)
-    result = mtp_loss(depth_states, head, labels, mask, None, weights, 0.0, False, plain_depth_loss, targets)
+    result = mtp_loss(depth_states, head, labels, mask, weights, 0.0, False, plain_depth_loss, targets)
     expected = _latent_by_hand(depth_states, trunk, embedding, labels, mask, 0.3, 0.2, weights)
     assert result.term.item() == pytest.approx(expected, rel=1e-5)
     result.term.backward()
@@ -160,7 +160,6 @@ def test_latent_sums_are_reported_per_depth():
         head,
         labels,
         mask,
-        labels,
         (1.0, 1.0),
         0.1,
         False,

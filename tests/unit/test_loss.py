@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_mtp.loss.metrics import count_main_agreement
 from megatron_mtp.loss.mtp_loss import OutputHead, inject_mtp_loss, mtp_loss
 
 VOCAB, HIDDEN, BATCH, SEQ = 7, 5, 2, 6
@@ -55,14 +56,15 @@ def _by_hand(head, hidden, labels, mask, weights, scale):
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 0.5), (1.0, 0.25)])
 def test_weighted_depth_losses_match_hand_computation(weights):
     head, hidden, labels, mask = _case()
-    result = mtp_loss(hidden, head, labels, mask, None, depth_weights=weights, loss_scale=0.3, per_token_loss=False)
+    result = mtp_loss(hidden, head, labels, mask, depth_weights=weights, loss_scale=0.3, per_token_loss=False)
     assert math.isclose(result.term.item(), _by_hand(head, hidden, labels, mask, weights, 0.3), rel_tol=1e-5)
 
 
 def test_acceptance_counts_compare_top1_with_labels_and_main_predictions():
     head, hidden, labels, mask = _case()
     main_predictions = torch.randint(0, VOCAB, (BATCH, SEQ))
-    result = mtp_loss(hidden, head, labels, mask, main_predictions, (1.0, 1.0), 0.1, per_token_loss=False)
+    result = mtp_loss(hidden, head, labels, mask, (1.0, 1.0), 0.1, per_token_loss=False, want_predictions=True)
+    stats = count_main_agreement(result.stats, result.predictions, main_predictions, mask)
     for depth, states in enumerate(hidden, start=1):
         top1 = (states @ head.output_layer.weight.t()).argmax(-1).t()  # [b, s]
         valid = torch.zeros(BATCH, SEQ, dtype=torch.bool)
@@ -71,7 +73,7 @@ def test_acceptance_counts_compare_top1_with_labels_and_main_predictions():
         target[:, : SEQ - depth] = labels[:, depth:]
         main = torch.zeros_like(labels)
         main[:, : SEQ - depth] = main_predictions[:, depth:]
-        _, tokens, correct_label, correct_main = result.stats[depth - 1, :4].tolist()
+        _, tokens, correct_label, correct_main = stats[depth - 1, :4].tolist()
         assert tokens == valid.sum()
         assert correct_label == ((top1 == target) & valid).sum()
         assert correct_main == ((top1 == main) & valid).sum()
@@ -81,7 +83,7 @@ def test_no_valid_mtp_token_gives_zero_loss_and_zero_gradient():
     head, hidden, labels, _ = _case()
     mask = torch.zeros(BATCH, SEQ)
     mask[:, 0] = 1  # only the first position: no depth has a target left
-    result = mtp_loss(hidden, head, labels, mask, None, (1.0, 1.0), 0.1, per_token_loss=False)
+    result = mtp_loss(hidden, head, labels, mask, (1.0, 1.0), 0.1, per_token_loss=False)
     assert result.term.item() == 0.0
     result.term.backward()
     assert all(torch.isfinite(h.grad).all() and h.grad.abs().sum() == 0 for h in hidden)

@@ -56,7 +56,7 @@ def test_parallel_heads_get_independent_gradients(single_process):
     head = OutputHead(model.output_layer, None, model.compute_language_model_loss)
     for depth, states in enumerate(heads, start=1):
         loss = plain_depth_loss(
-            states, head, roll_left(batch["labels"], depth), roll_left(batch["loss_mask"], depth), None
+            states, head, roll_left(batch["labels"], depth), roll_left(batch["loss_mask"], depth), False
         ).loss_sum
         for other, layer in enumerate(model.mtp.layers, start=1):
             grads = torch.autograd.grad(loss, list(layer.parameters()), retain_graph=True, allow_unused=True)
