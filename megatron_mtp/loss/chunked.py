@@ -16,7 +16,6 @@ logits and softmax. The tensor-parallel gradient reduction of ``h`` is left to t
 """
 
 from functools import partial
-from typing import Optional
 
 import torch
 import torch.distributed as dist
