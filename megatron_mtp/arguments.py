@@ -65,7 +65,7 @@ def add_mtp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--mtp-loss-chunk-size", type=int, default=None,
-        help="Tokens per chunk of the chunked MTP loss. Default 256.",
+        help="Tokens per chunk of the chunked MTP loss. Default 512.",
     )
     group.add_argument(
         "--mtp-loss-recompute-logits", action="store_true",
@@ -120,10 +120,10 @@ def _config(args: argparse.Namespace) -> MTPConfig:
             geometric_gamma=0.5 if args.mtp_geometric_gamma is None else args.mtp_geometric_gamma,
             loss_scaling_schedule=args.mtp_loss_scaling_schedule,
             loss_implementation=args.mtp_loss_implementation,
-            loss_chunk_size=256 if args.mtp_loss_chunk_size is None else args.mtp_loss_chunk_size,
             loss_recompute_logits=args.mtp_loss_recompute_logits,
             latent_consistency_weight=args.mtp_latent_consistency_weight,
             semantic_anchoring_weight=args.mtp_semantic_anchoring_weight,
+            **({} if args.mtp_loss_chunk_size is None else {"loss_chunk_size": args.mtp_loss_chunk_size}),
         )
     except ValueError as error:
         flag = {

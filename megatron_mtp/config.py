@@ -44,7 +44,7 @@ class MTPConfig:
     """``chunked``: each depth's output layer + cross-entropy runs over token chunks, never holding more than one
     chunk's logits (``loss/chunked.py``); ``plain``: full logits per depth, as Megatron-Core does."""
 
-    loss_chunk_size: int = 256
+    loss_chunk_size: int = 512
     """Tokens per chunk for the chunked loss."""
 
     loss_recompute_logits: bool = False

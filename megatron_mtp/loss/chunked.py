@@ -26,16 +26,13 @@ from megatron.core.tensor_parallel.mappings import (
 
 from megatron_mtp.loss.mtp_loss import DepthLoss, OutputHead
 
-DEFAULT_CHUNK_SIZE = 256
-
-
 def chunked_depth_loss(
     hidden_states: torch.Tensor,
     head: OutputHead,
     labels: torch.Tensor,
     loss_mask: torch.Tensor,
     want_predictions: bool,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int,
     grad_in_forward: bool = True,
 ) -> DepthLoss:
     """Drop-in for ``mtp_loss.plain_depth_loss``: same loss, gradients and metrics, chunked.

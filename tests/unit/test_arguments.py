@@ -25,7 +25,7 @@ def test_flags_build_the_mtp_config():
 
 def test_loss_flags_build_the_mtp_config():
     default = _parse(["--mtp-num-layers", "1"])
-    assert (default.loss_implementation, default.loss_chunk_size, default.loss_recompute_logits) == ("chunked", 256, False)
+    assert (default.loss_implementation, default.loss_chunk_size, default.loss_recompute_logits) == ("chunked", 512, False)
     assert not default.latent_losses
     config = _parse(
         ["--mtp-num-layers", "2", "--mtp-loss-chunk-size", "64", "--mtp-loss-recompute-logits",

@@ -77,7 +77,9 @@ def test_chunked_cross_entropy_matches_torch_with_all_tokens_masked_in_one_depth
     labels = torch.randint(0, 11, (2, 6))
     for mask in (torch.ones(2, 6), torch.zeros(2, 6)):
         for grad_in_forward in (True, False):
-            result = chunked_depth_loss(hidden, head, labels, mask, False, chunk_size=5, grad_in_forward=grad_in_forward)
+            result = chunked_depth_loss(
+                hidden, head, labels, mask, False, chunk_size=5, grad_in_forward=grad_in_forward
+            )
             expected = (_cross_entropy(labels, hidden @ head.output_layer.weight.t()) * mask).sum()
             torch.testing.assert_close(result.loss_sum, expected)
             (hidden_grad,) = torch.autograd.grad(result.loss_sum * 3.0, hidden)
@@ -89,7 +91,9 @@ def test_chunked_cross_entropy_matches_torch_with_all_tokens_masked_in_one_depth
 def test_gradients_kept_from_forward_serve_one_backward_only():
     head = OutputHead(_Linear(11, 4), None, _cross_entropy)
     hidden = torch.randn(6, 2, 4, requires_grad=True)
-    result = chunked_depth_loss(hidden, head, torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6), False)
+    result = chunked_depth_loss(
+        hidden, head, torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6), False, chunk_size=4
+    )
     result.loss_sum.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         result.loss_sum.backward()
@@ -105,7 +109,9 @@ def test_chunked_loss_rejects_bad_settings():
     head = OutputHead(_Linear(11, 4), None, _cross_entropy)
     head.output_layer.bias = torch.zeros(11)
     with pytest.raises(ValueError, match="without bias"):
-        chunked_depth_loss(torch.randn(3, 1, 4), head, torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3), False)
+        chunked_depth_loss(
+            torch.randn(3, 1, 4), head, torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3), False, chunk_size=2
+        )
 
 
 SEQ, BATCH, HIDDEN, VOCAB = 7, 2, 4, 13
