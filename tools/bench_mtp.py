@@ -1,0 +1,294 @@
+"""Side-by-side benchmark: no MTP, Megatron-Core's MTP, and ours (sequential plain / chunked, parallel heads).
+
+Every (vocab, D, implementation) case runs in a fresh process, so its peak memory is its own: RSS high-water
+mark on CPU, ``torch.cuda.max_memory_allocated`` on GPU. A step is one forward + backward of a GPT with
+MTP on random tokens (no optimizer). Cases are interleaved (rounds run the cases in rotated order) so a
+machine that slows down does not favour one implementation. Reports the median step time after warm-up and
+the peak memory added over the no-MTP model of the same vocabulary, as a markdown table, JSON and a PNG.
+
+    python tools/bench_mtp.py                       # CPU: hidden 256, 4 layers, seq 256, batch 4
+    python tools/bench_mtp.py --depths 1 --vocab-sizes 32000 --steps 2   # a quick look
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+CASES = {
+    "none": "no MTP (GPTModel)",
+    "megatron": "Megatron-Core MTP",
+    "seq-plain": "ours, sequential, plain loss",
+    "seq-chunked": "ours, sequential, chunked loss",
+    "seq-chunked-recompute": "ours, sequential, chunked loss, logits recomputed in backward",
+    "parallel": "ours, parallel heads, chunked loss",
+}
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(_measure(json.loads(args.child))), flush=True)
+        return
+    os.makedirs(args.output_dir, exist_ok=True)
+    jobs = [(vocab, 0, "none") for vocab in args.vocab_sizes]
+    jobs += [
+        (vocab, depth, case)
+        for vocab in args.vocab_sizes
+        for depth in args.depths
+        for case in args.cases
+        if case != "none"
+    ]
+    samples = {}
+    for round_index in range(args.rounds):
+        shift = round_index * len(jobs) // max(args.rounds, 1)
+        for vocab, depth, case in jobs[shift:] + jobs[:shift]:
+            settings = dict(vars(args), vocab=vocab, depth=depth, case=case, child=None)
+            result = _run_child(settings)
+            samples.setdefault((vocab, depth, case), []).append(result)
+            print(
+                f"  round {round_index + 1}/{args.rounds}  V={vocab:>6}  D={depth}  {case:<22} "
+                f"step {result['step_s']:.3f} s  peak {result['peak_mb']:.0f} MB",
+                flush=True,
+            )
+    rows = _summarise(samples, args)
+    table = _markdown(rows, args)
+    print(table)
+    with open(os.path.join(args.output_dir, "bench_mtp.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.output_dir, "bench_mtp.json"), "w") as f:
+        json.dump({"settings": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows}, f, indent=1)
+    _plot(rows, os.path.join(args.output_dir, "bench_mtp.png"))
+    print(f"wrote {args.output_dir}/bench_mtp.md, .json, .png")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab-sizes", type=int, nargs="+", default=[32000, 128000])
+    parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--chunk-size", type=int, default=512, help="tokens per chunk of the chunked loss")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
+    parser.add_argument("--rounds", type=int, default=1, help="fresh processes per case, interleaved")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--output-dir", default="runs/bench_mtp")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser
+
+
+def _run_child(settings: dict) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(settings)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"case {settings['case']} V={settings['vocab']} D={settings['depth']} failed:\n{done.stderr[-4000:]}"
+        )
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _measure(settings: dict) -> dict:
+    """In a fresh process: build one case, run warm-up + timed steps, return step times and peak memory."""
+    warnings.filterwarnings("ignore")
+    import torch
+
+    device = settings["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, batch, mask = _build(settings, device)
+    times = []
+    for step in range(settings["warmup"] + settings["steps"]):
+        for param in model.parameters():
+            param.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(**batch)
+        ((loss * mask).sum() / mask.sum()).backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step >= settings["warmup"]:
+            times.append(time.perf_counter() - start)
+    if device == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return dict(step_s=statistics.median(times), step_times=times, peak_mb=peak_mb, device=device)
+
+
+def _build(settings: dict, device: str):
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_mtp import cpu_bridge
+    from megatron_mtp.config import MTPConfig
+    from megatron_mtp.layers import get_mtp_block_spec
+    from megatron_mtp.model import MTPGPTModel
+
+    if device == "cpu":
+        cpu_bridge.enable()
+        torch.set_num_threads(os.cpu_count())
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("gloo" if device == "cpu" else "nccl", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    if device == "cpu":
+        cpu_bridge.manual_seed(1234)
+    else:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        torch.cuda.set_device(0)
+        model_parallel_cuda_manual_seed(1234)
+
+    case, depth = settings["case"], settings["depth"]
+    mtp = None
+    if case in ("seq-plain", "seq-chunked", "seq-chunked-recompute", "parallel"):
+        mtp = MTPConfig(
+            num_layers=depth,
+            mode="parallel" if case == "parallel" else "sequential",
+            loss_implementation="plain" if case == "seq-plain" else "chunked",
+            loss_chunk_size=settings["chunk_size"],
+            loss_recompute_logits=case == "seq-chunked-recompute",
+        )
+    hidden = settings["hidden_size"]
+    config = TransformerConfig(
+        num_layers=settings["num_layers"],
+        hidden_size=hidden,
+        ffn_hidden_size=4 * hidden,
+        num_attention_heads=max(hidden // 64, 1),
+        normalization="RMSNorm",
+        use_cpu_initialization=device == "cpu",
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        mtp_num_layers=depth if case == "megatron" else (mtp.megatron_mtp_num_layers if mtp else None),
+    )
+    spec = get_gpt_layer_local_spec()
+    common = dict(position_embedding_type="rope")
+    vocab, seq = settings["vocab"], settings["seq_length"]
+    if mtp is None:
+        mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False) if case == "megatron" else None
+        model = GPTModel(config, spec, vocab, seq, mtp_block_spec=mtp_spec, **common)
+        MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0, device=device))
+    else:
+        model = MTPGPTModel(
+            config, spec, vocab, seq, mtp_config=mtp, mtp_block_spec=get_mtp_block_spec(spec, mtp), **common
+        )
+    model = model.to(device)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (settings["micro_batch_size"], seq + 1), generator=generator).to(device)
+    mask = torch.ones(settings["micro_batch_size"], seq, device=device)
+    batch = dict(
+        input_ids=tokens[:, :-1].contiguous(),
+        position_ids=torch.arange(seq, device=device).expand_as(mask).contiguous(),
+        attention_mask=torch.ones(1, 1, seq, seq, dtype=torch.bool, device=device).triu(1),
+        labels=tokens[:, 1:].contiguous(),
+        loss_mask=mask,
+    )
+    return model, batch, mask
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _summarise(samples: dict, args) -> list:
+    rows = []
+    for (vocab, depth, case), results in samples.items():
+        rows.append(
+            dict(
+                vocab=vocab,
+                depth=depth,
+                case=case,
+                device=results[0]["device"],
+                step_s=statistics.median(t for r in results for t in r["step_times"]),
+                peak_mb=statistics.median(r["peak_mb"] for r in results),
+            )
+        )
+    base = {r["vocab"]: r for r in rows if r["case"] == "none"}
+    megatron = {(r["vocab"], r["depth"]): r for r in rows if r["case"] == "megatron"}
+    for row in rows:
+        row["added_mb"] = row["peak_mb"] - base[row["vocab"]]["peak_mb"] if row["vocab"] in base else None
+        reference = megatron.get((row["vocab"], row["depth"]))
+        if reference and row["case"] != "none":
+            row["time_vs_megatron"] = row["step_s"] / reference["step_s"]
+            if row["added_mb"] is not None and reference["added_mb"]:
+                row["added_vs_megatron"] = row["added_mb"] / reference["added_mb"]
+    rows.sort(key=lambda r: (r["vocab"], r["depth"], list(CASES).index(r["case"])))
+    return rows
+
+
+def _markdown(rows: list, args) -> str:
+    lines = [
+        f"hidden {args.hidden_size}, {args.num_layers} layers, seq {args.seq_length}, batch {args.micro_batch_size}, "
+        f"fp32, device {rows[0]['device'] if rows else '?'}, chunk {args.chunk_size}; median of "
+        f"{args.steps} steps x {args.rounds} round(s) after {args.warmup} warm-up; memory = peak "
+        f"{'RSS' if rows and rows[0]['device'] == 'cpu' else 'allocated'} of a fresh process.",
+        "",
+        "| vocab | D | implementation | step (s) | time vs Megatron | peak (MB) | added over no MTP (MB) "
+        "| added vs Megatron |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        time_ratio, added, added_ratio = (_format(r, key, pattern) for key, pattern in _OPTIONAL_COLUMNS)
+        lines.append(
+            f"| {r['vocab']} | {r['depth']} | {CASES[r['case']]} | {r['step_s']:.3f} | {time_ratio} "
+            f"| {r['peak_mb']:.0f} | {added} | {added_ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+_OPTIONAL_COLUMNS = (("time_vs_megatron", "{:.2f}x"), ("added_mb", "{:.0f}"), ("added_vs_megatron", "{:.2f}x"))
+
+
+def _format(row: dict, key: str, pattern: str) -> str:
+    return pattern.format(row[key]) if row.get(key) is not None else "-"
+
+
+def _plot(rows: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vocabs = sorted({r["vocab"] for r in rows})
+    cases = [c for c in CASES if c != "none" and any(r["case"] == c for r in rows)]
+    figure, axes = plt.subplots(2, len(vocabs), figsize=(6 * len(vocabs), 7), squeeze=False)
+    for column, vocab in enumerate(vocabs):
+        depths = sorted({r["depth"] for r in rows if r["vocab"] == vocab and r["case"] != "none"})
+        width = 0.8 / max(len(cases), 1)
+        for index, case in enumerate(cases):
+            by_depth = {r["depth"]: r for r in rows if r["vocab"] == vocab and r["case"] == case}
+            positions = [d + (index - len(cases) / 2 + 0.5) * width for d in range(len(depths))]
+            axes[0][column].bar(positions, [by_depth[d]["added_mb"] or 0 for d in depths], width, label=CASES[case])
+            axes[1][column].bar(positions, [by_depth[d]["step_s"] for d in depths], width, label=CASES[case])
+        for row, label in enumerate(("peak memory added over no MTP (MB)", "step time (s)")):
+            axes[row][column].set_xticks(range(len(depths)), [f"D={d}" for d in depths])
+            axes[row][column].set_ylabel(label)
+            axes[row][column].set_title(f"vocab {vocab}")
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
