@@ -86,18 +86,18 @@ def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
 
 def transformer_config(args: argparse.Namespace, runtime: Runtime) -> TransformerConfig:
     dtype = torch.bfloat16 if runtime.bf16 else torch.float32
+    run_settings = dict(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        bf16=runtime.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=runtime.device == "cpu",
+        gradient_accumulation_fusion=False,
+    )
     if getattr(args, "hf_config", None):
-        return deepseek_training.transformer_config(
-            args,
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            sequence_parallel=args.sequence_parallel,
-            bf16=runtime.bf16,
-            params_dtype=dtype,
-            pipeline_dtype=dtype,
-            use_cpu_initialization=runtime.device == "cpu",
-            gradient_accumulation_fusion=False,
-        )
+        return deepseek_training.transformer_config(args, **run_settings)
     moe = {}
     if args.num_experts:
         moe = dict(
@@ -122,17 +122,10 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        bf16=runtime.bf16,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        use_cpu_initialization=runtime.device == "cpu",
-        gradient_accumulation_fusion=False,
         mtp_num_layers=args.mtp_config.megatron_mtp_num_layers,
         mtp_loss_scaling_factor=args.mtp_config.loss_scaling_factor,
         **moe,
+        **run_settings,
     )
 
 
