@@ -139,12 +139,13 @@ def _build(settings: dict, device: str):
     from megatron_mtp.config import MTPConfig
     from megatron_mtp.layers import get_mtp_block_spec
     from megatron_mtp.model import MTPGPTModel
+    from megatron_mtp.training.setup import free_port
 
     if device == "cpu":
         cpu_bridge.enable()
         torch.set_num_threads(os.cpu_count())
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo" if device == "cpu" else "nccl", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     if device == "cpu":
@@ -201,14 +202,6 @@ def _build(settings: dict, device: str):
         loss_mask=mask,
     )
     return model, batch, mask
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _summarise(samples: dict, args) -> list:

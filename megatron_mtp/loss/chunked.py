@@ -24,6 +24,7 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
+from megatron_mtp.loss.metrics import vocab_slice_start
 from megatron_mtp.loss.mtp_loss import DepthLoss, OutputHead
 
 def chunked_depth_loss(
@@ -81,7 +82,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, labels, mask, tp_group, chunk_size, grad_in_forward, want_predictions):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        vocab_start = _vocab_start(weight, tp_group)
+        vocab_start = vocab_slice_start(weight, tp_group)
         keep_grads = grad_in_forward and any(ctx.needs_input_grad[:2])
         grad_x = torch.empty_like(x) if keep_grads else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if keep_grads else None
@@ -94,9 +95,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             if want_predictions:
                 predictions[rows] = chunk.predictions
             if keep_grads:
-                grad_logits = chunk.grad_logits(mask[rows]).to(x.dtype)
-                grad_x[rows] = grad_logits @ weight
-                _accumulate_weight_grad(grad_weight, grad_logits, x[rows])
+                _backpropagate_chunk(chunk.grad_logits(mask[rows]), x, weight, rows, grad_x, grad_weight)
         ctx.tp_group, ctx.chunk_size, ctx.vocab_start = tp_group, chunk_size, vocab_start
         ctx.kept_grads, ctx.consumed, ctx.weight_dtype = keep_grads, False, weight.dtype
         if keep_grads:
@@ -121,9 +120,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         for start in range(0, x.size(0), ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             chunk = _ChunkLogits(x[rows], weight, labels[rows], ctx.vocab_start, ctx.tp_group, False)
-            grad_logits = chunk.grad_logits(mask[rows] * grad_loss).to(x.dtype)
-            grad_x[rows] = grad_logits @ weight
-            _accumulate_weight_grad(grad_weight, grad_logits, x[rows])
+            _backpropagate_chunk(chunk.grad_logits(mask[rows] * grad_loss), x, weight, rows, grad_x, grad_weight)
         return grad_x, grad_weight.to(weight.dtype), *_NONES
 
 
@@ -172,17 +169,15 @@ class _ChunkLogits:
         return grad
 
 
-def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, x: torch.Tensor) -> None:
-    """grad_weight [V/tp, h] fp32 += grad_logits^T [V/tp, c] @ x [c, h]."""
+def _backpropagate_chunk(grad_logits, x, weight, rows, grad_x, grad_weight) -> None:
+    """From one chunk's dL/dlogits [c, V/tp] (fp32): grad_x[rows] = it @ W ([c, h]) and grad_weight [V/tp, h] fp32
+    += its transpose @ x[rows]."""
+    grad_logits = grad_logits.to(x.dtype)
+    grad_x[rows] = grad_logits @ weight
     if x.dtype == grad_weight.dtype:
-        grad_weight.addmm_(grad_logits.t(), x)
+        grad_weight.addmm_(grad_logits.t(), x[rows])
     else:
-        grad_weight += grad_logits.t() @ x
-
-
-def _vocab_start(weight: torch.Tensor, tp_group) -> int:
-    rank = 0 if tp_group is None else dist.get_rank(tp_group)
-    return rank * weight.size(0)
+        grad_weight += grad_logits.t() @ x[rows]
 
 
 def _all_reduce(tensor: torch.Tensor, op, tp_group) -> torch.Tensor:

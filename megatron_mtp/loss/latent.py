@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
 from megatron_mtp.layers.roll import roll_left
+from megatron_mtp.loss.metrics import vocab_slice_start
 
 
 class LatentTargets(NamedTuple):
@@ -66,8 +67,7 @@ def latent_sums(
 @torch.no_grad()
 def vocab_parallel_lookup(weight: torch.Tensor, ids: torch.Tensor, tp_group) -> torch.Tensor:
     """E[ids] from this rank's vocabulary slice ``weight`` [V/tp, h]; ids [b, s] global -> [b, s, h] on every rank."""
-    start = (0 if tp_group is None else dist.get_rank(tp_group)) * weight.size(0)
-    local = ids - start
+    local = ids - vocab_slice_start(weight, tp_group)
     owned = (local >= 0) & (local < weight.size(0))
     rows = torch.nn.functional.embedding(torch.where(owned, local, torch.zeros_like(local)), weight)
     rows = rows * owned.unsqueeze(-1)

@@ -17,6 +17,12 @@ STAT_FIELDS = (
 )
 
 
+def vocab_slice_start(weight: torch.Tensor, tp_group) -> int:
+    """The first global token id of this rank's contiguous vocabulary slice ``weight`` [V/tp, h]."""
+    rank = 0 if tp_group is None else dist.get_rank(tp_group)
+    return rank * weight.size(0)
+
+
 @torch.no_grad()
 def vocab_parallel_argmax(logits: torch.Tensor, tp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """Greedy token ids from vocab-parallel logits.
