@@ -12,7 +12,8 @@ acceptance counts go to the ``MTPStats`` passed as ``mtp_stats``. Without labels
 logits [b, s, V] only; MTP runs in training, and in eval when ``compute_mtp=True``.
 """
 
-from typing import Literal, Optional
+import contextlib
+from typing import Literal, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -28,6 +29,14 @@ from megatron_mtp.loss.chunked import chunked
 from megatron_mtp.loss.latent import LatentTargets
 from megatron_mtp.loss.metrics import MTPStats, count_main_agreement, vocab_parallel_argmax
 from megatron_mtp.loss.mtp_loss import MTPLossResult, OutputHead, inject_mtp_loss, mtp_loss, plain_depth_loss
+
+
+class _MTPCall(NamedTuple):
+    """The MTP options of one ``forward`` call, read in ``_postprocess``."""
+
+    stats: Optional[MTPStats] = None
+    step: Optional[int] = None
+    compute_mtp: Optional[bool] = None
 
 
 class MTPGPTModel(GPTModel):
@@ -119,15 +128,14 @@ class MTPGPTModel(GPTModel):
         extra_block_kwargs: Optional[dict] = None,
         runtime_gather_output: Optional[bool] = None,
         *,
-        inference_params=None,
-        loss_mask: Optional[Tensor] = None,
-        padding_mask: Optional[Tensor] = None,
         mtp_stats: Optional[MTPStats] = None,
         mtp_step: Optional[int] = None,
         compute_mtp: Optional[bool] = None,
+        **gpt_forward_kwargs,
     ) -> Tensor:
-        """
-        Args (beyond ``GPTModel.forward``):
+        """``GPTModel.forward``; MTP runs in its ``_postprocess`` step (below).
+
+        Args (beyond ``GPTModel.forward``'s, which include ``loss_mask`` and ``padding_mask``):
             input_ids, position_ids, labels, loss_mask: [b, s]; the last stage needs them all for MTP.
             mtp_stats: receives this micro-batch's per-depth counts (also computes acceptance metrics).
             mtp_step: training step, selects lambda when ``mtp_config.loss_scaling_schedule`` is set.
@@ -135,93 +143,79 @@ class MTPGPTModel(GPTModel):
         Returns:
             labels given: per-token next-token loss [b, s]; else logits [b, s, V] (V/tp unless gathered).
         """
-        if self.config.fine_grained_activation_offloading:
-            self.preprocess_for_fine_grained_offloading()
-        inference_context = inference_context if inference_context is not None else inference_params
-        decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, padding_mask = (
-            self._preprocess(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                decoder_input=decoder_input,
-                inference_context=inference_context,
-                packed_seq_params=packed_seq_params,
-                padding_mask=padding_mask,
-            )[:6]
-        )
-        hidden_states = self.decoder(
-            hidden_states=decoder_input,
-            attention_mask=attention_mask,
-            inference_context=inference_context,
-            rotary_pos_emb=rotary_pos_emb,
-            rotary_pos_cos=rotary_pos_cos,
-            rotary_pos_sin=rotary_pos_sin,
-            packed_seq_params=packed_seq_params,
-            sequence_len_offset=sequence_len_offset,
-            padding_mask=padding_mask,
-            **(extra_block_kwargs or {}),
-        )
-        if not self.post_process:
-            return hidden_states
+        self._mtp_call = _MTPCall(mtp_stats, mtp_step, compute_mtp)
+        try:
+            return super().forward(
+                input_ids, position_ids, attention_mask, decoder_input, labels, inference_context,
+                packed_seq_params, extra_block_kwargs, runtime_gather_output, **gpt_forward_kwargs,
+            )
+        finally:
+            self._mtp_call = None
 
-        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        run_mtp = hasattr(self, "mtp") and labels is not None and (self.training if compute_mtp is None else compute_mtp)
+    def _postprocess(self, hidden_states: Tensor, **kwargs) -> Tensor:
+        """MTP loss on the decoder output h_0 [s, b, h], then ``GPTModel``'s own output layer and next-token loss.
+
+        ``kwargs`` are whatever this release's ``GPTModel.forward`` passes; they go on to ``GPTModel._postprocess``
+        unchanged (inference contexts, last-token logits, output processors keep working), except that
+        Megatron-Core's own MTP is kept out of it.
+        """
+        call = self._mtp_call or _MTPCall()
+        labels, loss_mask = kwargs.get("labels"), kwargs.get("loss_mask")
+        run_mtp = (
+            self.post_process
+            and hasattr(self, "mtp")
+            and labels is not None
+            and (self.training if call.compute_mtp is None else call.compute_mtp)
+        )
         if run_mtp:
             if loss_mask is None:
-                loss_mask = torch.ones_like(labels)
+                raise ValueError(
+                    "MTPGPTModel.forward got labels without loss_mask: MTP needs loss_mask ([b, s], 0 on padding and "
+                    "on tokens that must not be predicted) to know which rolled targets are real"
+                )
             # Before the main logits exist, so the MTP loss's transient buffers do not add to theirs.
-            mtp_result = self._mtp_loss(
-                hidden_states, output_weight, labels, loss_mask, mtp_stats is not None, mtp_step,
-                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                packed_seq_params=packed_seq_params, rotary_pos_emb=rotary_pos_emb,
-                rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
-            )
-
-        in_inference = inference_context is not None and not self.training
-        if in_inference:
-            if not runtime_gather_output:
-                raise ValueError("inference needs runtime_gather_output=True (full-vocabulary logits)")
-            if inference_context.materialize_only_last_token_logits:
-                if not inference_context.is_static_batching():
-                    raise NotImplementedError("MTPGPTModel supports static-batching inference contexts only")
-                hidden_states = hidden_states[-1:]
-        logits, _ = self.output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
-        if labels is None:
-            return logits.transpose(0, 1).contiguous()
-        lm_loss = self.compute_language_model_loss(labels, logits)
+            mtp_result = self._mtp_loss(hidden_states, call, **kwargs)
+        kwargs["mtp_in_postprocess"] = False
+        with _main_predictions_recorded(self.output_layer, enabled=run_mtp and call.stats is not None) as main:
+            with _without_megatron_mtp(self.config):
+                output = super()._postprocess(hidden_states=hidden_states, **kwargs)
         if not run_mtp:
-            return lm_loss
+            return output
+        if call.stats is not None:
+            call.stats.add(count_main_agreement(mtp_result.stats, mtp_result.predictions, main.predictions, loss_mask))
+        return inject_mtp_loss(output, mtp_result.term, loss_mask, self.config.calculate_per_token_loss)
 
-        if mtp_stats is not None:
-            main_predictions = vocab_parallel_argmax(logits, self.output_layer.tp_group).t()
-            mtp_stats.add(count_main_agreement(mtp_result.stats, mtp_result.predictions, main_predictions, loss_mask))
-        return inject_mtp_loss(lm_loss, mtp_result.term, loss_mask, self.config.calculate_per_token_loss)
+    def _mtp_loss(self, hidden_states: Tensor, call: _MTPCall, **kwargs) -> MTPLossResult:
+        """Run the MTP block on the decoder output h_0 [s, b, h] and return its loss term and counts.
 
-    def _mtp_loss(
-        self, hidden_states, output_weight, labels, loss_mask, want_predictions, mtp_step, *, input_ids,
-        position_ids, attention_mask, packed_seq_params, **rotary
-    ) -> MTPLossResult:
-        """Run the MTP block on the decoder output h_0 [s, b, h] and return its loss term and counts."""
-        self._check_mtp_inputs(input_ids, labels, loss_mask, packed_seq_params, mtp_step)
+        kwargs: ``GPTModel._postprocess``'s (labels, loss_mask, input_ids, position_ids, rotary embeddings, ...).
+        """
+        labels, loss_mask = kwargs["labels"], kwargs["loss_mask"]
+        input_ids, position_ids = kwargs.get("input_ids"), kwargs.get("position_ids")
+        self._check_mtp_inputs(input_ids, labels, loss_mask, kwargs.get("packed_seq_params"), call.step)
         depth_hidden_states = self.mtp(
             hidden_states,
-            attention_mask,
+            kwargs.get("attention_mask"),
             input_ids=input_ids,
             position_ids=position_ids,
             embedding=self.embedding if self.mtp_process else None,
-            **rotary,
+            rotary_pos_emb=kwargs.get("rotary_pos_emb"),
+            rotary_pos_cos=kwargs.get("rotary_pos_cos"),
+            rotary_pos_sin=kwargs.get("rotary_pos_sin"),
         )
         config = self.mtp_config
+        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         return mtp_loss(
             depth_hidden_states,
             OutputHead(self.output_layer, output_weight, self.compute_language_model_loss, self.output_layer.tp_group),
             labels,
             loss_mask,
             depth_weights=config.depth_weights(),
-            loss_scale=config.loss_scaling_factor if mtp_step is None else config.loss_scale_at(mtp_step),
+            loss_scale=config.loss_scaling_factor if call.step is None else config.loss_scale_at(call.step),
             per_token_loss=self.config.calculate_per_token_loss,
             depth_loss=self._depth_loss(),
             latent_targets=self._latent_targets(hidden_states) if config.latent_losses else None,
-            want_predictions=want_predictions,
+            want_predictions=call.stats is not None,
         )
 
     def _depth_loss(self):
@@ -277,3 +271,40 @@ def _check_configs(config, mtp_config, mtp_block_spec, max_sequence_length, posi
         raise ValueError("pass mtp_block_spec from megatron_mtp.layers.get_mtp_block_spec, not Megatron-Core's")
     if mtp_config.enabled and config.context_parallel_size > 1:
         raise NotImplementedError("MTPGPTModel does not support context parallelism yet")
+    if mtp_config.enabled and getattr(config, "use_mup", False):
+        raise NotImplementedError("MTPGPTModel does not scale the MTP logits for muP yet: set use_mup=False")
+
+
+@contextlib.contextmanager
+def _without_megatron_mtp(config: TransformerConfig):
+    """Hide ``config.mtp_num_layers`` from ``GPTModel._postprocess``, which runs Megatron-Core's MTP loss whenever
+    it is set. The field stays set everywhere else: it keeps the word-embedding copy on the last pipeline stage
+    and its gradient all-reduce, which sequential MTP uses."""
+    saved = config.mtp_num_layers
+    config.mtp_num_layers = None
+    try:
+        yield
+    finally:
+        config.mtp_num_layers = saved
+
+
+class _RecordedPredictions:
+    predictions: Optional[Tensor] = None  # [b, s] the main model's greedy ids
+
+
+@contextlib.contextmanager
+def _main_predictions_recorded(output_layer: torch.nn.Module, enabled: bool):
+    """Record the greedy ids of the main logits as the output layer makes them (no second pass over them)."""
+    recorded = _RecordedPredictions()
+    if not enabled:
+        yield recorded
+        return
+
+    def record(module, inputs, output):
+        recorded.predictions = vocab_parallel_argmax(output[0].detach(), module.tp_group).t()
+
+    handle = output_layer.register_forward_hook(record)
+    try:
+        yield recorded
+    finally:
+        handle.remove()

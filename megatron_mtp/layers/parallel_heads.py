@@ -16,10 +16,11 @@ from typing import Optional, Union
 import torch
 
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
+
+from megatron_mtp.compat import MTPLayerModule, mtp_transformer_layer_args
 
 
 @dataclass
@@ -28,7 +29,7 @@ class ParallelMTPHeadSubmodules:
     final_layernorm: Union[ModuleSpec, type] = None
 
 
-class ParallelMTPHead(MegatronModule):
+class ParallelMTPHead(MTPLayerModule):
     """One parallel MTP head. Lives on the last pipeline stage."""
 
     def __init__(
@@ -41,13 +42,16 @@ class ParallelMTPHead(MegatronModule):
     ):
         super().__init__(config=config)
         self.depth = depth
-        self.transformer_layer = build_module(
-            submodules.transformer_layer,
-            config=config,
-            layer_number=config.num_layers + depth,
-            pg_collection=pg_collection,
-            vp_stage=vp_stage,
+        self._set_inner_layer(
+            build_module(
+                submodules.transformer_layer,
+                config=config,
+                pg_collection=pg_collection,
+                vp_stage=vp_stage,
+                **mtp_transformer_layer_args(config, depth, vp_stage),
+            )
         )
+        _untrack_aux_losses(self.inner_layer, config)
         self.final_layernorm = build_module(
             submodules.final_layernorm,
             config=config,
@@ -64,7 +68,7 @@ class ParallelMTPHead(MegatronModule):
         rotary_pos_sin: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """trunk_states: h_0, [s, b, h] ([s/tp, b, h] under sequence parallelism). Returns h_k, same shape."""
-        hidden_states, _ = self.transformer_layer(
+        hidden_states, _ = self.inner_layer(
             hidden_states=trunk_states,
             attention_mask=attention_mask,
             rotary_pos_emb=rotary_pos_emb,
@@ -73,3 +77,14 @@ class ParallelMTPHead(MegatronModule):
         )
         hidden_states = self.final_layernorm(hidden_states)
         return make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+
+
+def _untrack_aux_losses(layer, config: TransformerConfig) -> None:
+    """Keep an MoE head's router out of Megatron's per-layer aux-loss log (its losses still train the head).
+
+    Megatron-Core sizes that log ``num_layers + mtp_num_layers``, and ``mtp_num_layers`` stays unset for parallel
+    heads (it would make Megatron-Core keep a word-embedding copy they never use), so a head has no slot in it.
+    """
+    router = getattr(getattr(layer, "mlp", None), "router", None)
+    if router is not None and config.mtp_num_layers is None:
+        router.set_layer_number(None)

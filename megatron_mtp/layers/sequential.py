@@ -5,8 +5,9 @@ Depth k at position t combines the previous depth's state for token t with the e
     h_k = final_layernorm(TransformerLayer(eh_proj(cat[enorm(embed(tokens rolled k)), hnorm(h_{k-1})])))
 
 h_0 is the decoder's final-normed output. The transformer layer uses the rotary embedding and attention mask
-of the un-rolled sequence (Megatron-Core's choice). Parameter names match Megatron-Core's MTP layer
-(``enorm``, ``hnorm``, ``eh_proj``, ``transformer_layer``, ``final_layernorm``) so checkpoints move between the two.
+of the un-rolled sequence (Megatron-Core's choice). Parameter names match Megatron-Core's MTP layer of the same
+release (``enorm``, ``hnorm``, ``eh_proj``, ``transformer_layer`` or ``mtp_model_layer`` (see ``compat``),
+``final_layernorm``) so checkpoints move between the two.
 """
 
 from contextlib import nullcontext
@@ -22,10 +23,11 @@ from megatron.core.tensor_parallel import (
     gather_from_tensor_model_parallel_region,
     scatter_to_sequence_parallel_region,
 )
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
+
+from megatron_mtp.compat import MTPLayerModule, mtp_transformer_layer_args
 
 
 @dataclass
@@ -37,7 +39,7 @@ class SequentialMTPLayerSubmodules:
     final_layernorm: Union[ModuleSpec, type] = None
 
 
-class SequentialMTPLayer(MegatronModule):
+class SequentialMTPLayer(MTPLayerModule):
     """One sequential MTP depth. Lives on the last pipeline stage."""
 
     def __init__(
@@ -67,12 +69,14 @@ class SequentialMTPLayer(MegatronModule):
             is_expert=False,
             tp_group=self.tp_group,
         )
-        self.transformer_layer = build_module(
-            submodules.transformer_layer,
-            config=config,
-            layer_number=config.num_layers + depth,
-            pg_collection=pg_collection,
-            vp_stage=vp_stage,
+        self._set_inner_layer(
+            build_module(
+                submodules.transformer_layer,
+                config=config,
+                pg_collection=pg_collection,
+                vp_stage=vp_stage,
+                **mtp_transformer_layer_args(config, depth, vp_stage),
+            )
         )
         self.final_layernorm = build_module(submodules.final_layernorm, **norm_args)
 
@@ -103,7 +107,7 @@ class SequentialMTPLayer(MegatronModule):
                     projected = scatter_to_sequence_parallel_region(projected, group=self.tp_group)
             layer_fp8_context = get_fp8_context(self.config) if self.config.fp8 else nullcontext()
             with layer_fp8_context:
-                hidden_states, _ = self.transformer_layer(
+                hidden_states, _ = self.inner_layer(
                     hidden_states=projected,
                     attention_mask=attention_mask,
                     rotary_pos_emb=rotary_pos_emb,

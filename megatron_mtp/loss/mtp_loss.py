@@ -8,13 +8,15 @@ are the main ones rolled left by k, with zero (masked) tails; no target is taken
 
 (plus, when enabled, the latent semantic enhancement terms of ``loss/latent.py``, averaged the same way).
 A depth with no valid token contributes 0, not NaN. Under ``calculate_per_token_loss`` L_k is the sum
-(as in Megatron-Core), normalised later with the main loss by the global token count.
+(as in Megatron-Core), normalised later with the main loss by the global token count; with Megatron-Core 0.17+
+the sum is first scaled by ``main tokens / depth tokens`` of the micro-batch, as that release does (``compat``).
 """
 
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from megatron_mtp.compat import PER_TOKEN_LOSS_RESCALES_DEPTHS
 from megatron_mtp.layers.roll import roll_left
 from megatron_mtp.loss.latent import LatentTargets, latent_sums
 from megatron_mtp.loss.metrics import vocab_parallel_argmax
@@ -85,6 +87,7 @@ def mtp_loss(
             ``metrics.count_main_agreement`` can compare them with the main model's afterwards.
     """
     loss_mask = loss_mask.float()
+    main_tokens = loss_mask.sum().clamp(min=1.0)
     term = torch.zeros((), device=labels.device)
     all_stats: List[torch.Tensor] = []
     all_predictions: List[torch.Tensor] = []
@@ -92,7 +95,9 @@ def mtp_loss(
         mask_k = roll_left(loss_mask, depth)
         labels_k = roll_left(labels, depth)
         result = depth_loss(hidden_states, head, labels_k, mask_k, want_predictions)
-        tokens = 1.0 if per_token_loss else mask_k.sum().clamp(min=1.0)
+        tokens = mask_k.sum().clamp(min=1.0)
+        if per_token_loss:
+            tokens = tokens / main_tokens if PER_TOKEN_LOSS_RESCALES_DEPTHS else 1.0
         depth_term = loss_scale * result.loss_sum
         latent = torch.zeros(2, device=labels.device)
         if latent_targets is not None:

@@ -191,7 +191,9 @@ def megatron_outputs(
         model.mtp.register_forward_hook(lambda module, args, output: depth_states.extend(output))
     with torch.no_grad():
         logits = _pipelined(model, lambda: model(tokens, positions, attention_mask, runtime_gather_output=True))
-        _pipelined(model, lambda: model(tokens, positions, attention_mask, labels=tokens, compute_mtp=True))
+        _pipelined(model, lambda: model(
+            tokens, positions, attention_mask, labels=tokens, loss_mask=torch.ones_like(tokens), compute_mtp=True
+        ))
         if not model.post_process:
             return None
         mtp_logits, _ = model.output_layer(depth_states[0], runtime_gather_output=True)

@@ -7,6 +7,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
 from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, MTPLossLoggingHelper
 
+from megatron_mtp.compat import megatron_core_mtp_logged_losses
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.layers import get_mtp_block_spec
 from megatron_mtp.loss import MTPStats
@@ -40,7 +41,7 @@ def test_sequential_mode_matches_megatron_core(single_process, depths, position)
     MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     reference_loss = reference(*inputs, labels=batch["labels"], loss_mask=mask)
     ((reference_loss * mask).sum() / mask.sum()).backward()
-    reference_depth_losses = MTPLossLoggingHelper.tracker["values"].clone()
+    reference_depth_losses = megatron_core_mtp_logged_losses()
     MTPLossLoggingHelper.tracker.clear()
 
     stats = MTPStats(depths)

@@ -108,9 +108,9 @@ def test_inference_returns_main_logits_only(single_process, mode):
         assert logits.shape == (batch["tokens"].shape[0], SEQ, VOCAB)
         torch.testing.assert_close(logits, plain(*inputs), atol=0, rtol=0)
         stats = MTPStats(2)
-        model(*inputs, labels=batch["labels"], mtp_stats=stats)
+        model(*inputs, labels=batch["labels"], loss_mask=batch["loss_mask"], mtp_stats=stats)
         assert stats.values is None, "MTP ran in eval without being asked"
-        model(*inputs, labels=batch["labels"], mtp_stats=stats, compute_mtp=True)
+        model(*inputs, labels=batch["labels"], loss_mask=batch["loss_mask"], mtp_stats=stats, compute_mtp=True)
         assert stats.values is not None and stats.values[:, 1].min() > 0
 
 
@@ -130,8 +130,12 @@ def test_bad_inputs_fail_clearly(single_process):
     mtp = MTPConfig(num_layers=2)
     model = _model(mtp)
     batch = make_batches(1)[0]
+    inputs = (batch["tokens"], batch["position_ids"], batch["attention_mask"])
     with pytest.raises(ValueError, match=r"labels shape \(2, 15\) must equal input_ids shape \(2, 16\)"):
-        model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"][:, :-1])
+        model(*inputs, labels=batch["labels"][:, :-1], loss_mask=batch["loss_mask"][:, :-1])
+    # Without a loss mask MTP would train on padding through the rolled targets: refused, naming the argument.
+    with pytest.raises(ValueError, match="labels without loss_mask"):
+        model(*inputs, labels=batch["labels"])
     config = transformer_config(mtp, num_layers=2)
     spec = get_gpt_layer_local_spec()
     with pytest.raises(ValueError, match="cannot roll position ids of position_embedding_type='mrope'"):

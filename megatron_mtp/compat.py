@@ -1,0 +1,86 @@
+"""Everything that differs between the Megatron-Core releases this project supports (0.16 to 0.19).
+
+No other module looks at Megatron-Core's version. What differs:
+
+- the attribute holding an MTP layer's transformer layer: ``transformer_layer`` up to 0.16, ``mtp_model_layer``
+  from 0.17 (Megatron-Core's CUDA-graph helpers look for it on every ``model.mtp.layers`` entry). Checkpoints
+  (torch_dist) call it ``transformer_layer`` in every release, as Megatron-Core's own MTP does;
+- how an MTP layer's transformer layer is numbered, so that MoE auxiliary losses land in the tracker slot after
+  the decoder's layers (``num_layers + depth``), as for Megatron-Core's own MTP layers: up to 0.16 the layer adds
+  its pipeline offset itself, so the number passed in has it taken off; from 0.19 ``is_mtp_layer=True`` tells
+  the layer and its router instead;
+- with ``calculate_per_token_loss``, Megatron-Core 0.17+ scales each depth's summed loss by
+  ``main tokens / depth tokens`` (its rolled mask has fewer tokens); 0.16 adds the plain sum. We follow the
+  installed release, so the numbers equal its own MTP's;
+- the layout of Megatron-Core's MTP logging tracker, read by the tests that compare with its MTP;
+- the extra keyword arguments ``GPTModel`` passes to ``_postprocess`` (``padding_mask`` and output processors in
+  0.18+): the model takes them by keyword and hands them on unchanged, so nothing here needs to know.
+"""
+
+from typing import Optional
+
+import torch
+from megatron.core import __version__ as _megatron_core_version
+from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper, get_mtp_layer_offset
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from packaging.version import Version
+
+MEGATRON_CORE_VERSION = Version(_megatron_core_version)
+SUPPORTED_RANGE = (Version("0.16.0"), Version("0.20.0"))
+if not SUPPORTED_RANGE[0] <= MEGATRON_CORE_VERSION < SUPPORTED_RANGE[1]:
+    raise ImportError(
+        f"megatron_mtp supports megatron-core >=0.16,<0.20 (tested: 0.16.1, 0.19.2); found {_megatron_core_version}"
+    )
+
+_MTP_LAYER_FLAG = MEGATRON_CORE_VERSION >= Version("0.19.0")
+
+PER_TOKEN_LOSS_RESCALES_DEPTHS = MEGATRON_CORE_VERSION >= Version("0.17.0")
+"""Per-token loss mode: each depth's loss sum is scaled by ``main tokens / depth tokens`` (see above)."""
+
+MTP_INNER_LAYER = "mtp_model_layer" if MEGATRON_CORE_VERSION >= Version("0.17.0") else "transformer_layer"
+"""Attribute name of an MTP layer's transformer layer in this release (plain ``state_dict`` keys use it)."""
+
+CHECKPOINT_INNER_LAYER = "transformer_layer"
+"""Name of an MTP layer's transformer layer in torch_dist checkpoints, in every release."""
+
+
+def mtp_transformer_layer_args(config: TransformerConfig, depth: int, vp_stage: Optional[int]) -> dict:
+    """Keyword arguments numbering the transformer layer of MTP depth (or parallel head) ``depth`` (1-based).
+
+    The layer ends up numbered ``config.num_layers + depth`` (plus Megatron-Core's MTP offset under a custom
+    pipeline layout) for MoE aux-loss tracking, whatever the pipeline stage, as Megatron-Core's MTP layers are.
+    """
+    layer_number = depth + get_mtp_layer_offset(config, vp_stage)
+    if _MTP_LAYER_FLAG:
+        return dict(layer_number=layer_number, is_mtp_layer=True)
+    return dict(layer_number=layer_number + config.num_layers - get_transformer_layer_offset(config, vp_stage))
+
+
+class MTPLayerModule(MegatronModule):
+    """Base of an MTP depth or head: holds its transformer layer under this release's attribute name.
+
+    Plain ``state_dict`` keys are therefore those of Megatron-Core's own MTP in the same release; torch_dist keys
+    use ``transformer_layer`` in every release, so checkpoints move between releases.
+    """
+
+    def _set_inner_layer(self, layer: MegatronModule) -> None:
+        self.add_module(MTP_INNER_LAYER, layer)
+
+    @property
+    def inner_layer(self) -> MegatronModule:
+        return getattr(self, MTP_INNER_LAYER)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if MTP_INNER_LAYER != CHECKPOINT_INNER_LAYER:
+            apply_prefix_mapping(state, {f"{prefix}{MTP_INNER_LAYER}.": f"{prefix}{CHECKPOINT_INNER_LAYER}."})
+        return state
+
+
+def megatron_core_mtp_logged_losses() -> torch.Tensor:
+    """The per-depth losses Megatron-Core's own MTP logged since its tracker was last cleared, [D]."""
+    tracker = MTPLossLoggingHelper.tracker
+    return (tracker["loss_values"] if "loss_values" in tracker else tracker["values"]).clone()
