@@ -12,18 +12,24 @@ No other module looks at Megatron-Core's version. What differs:
 - with ``calculate_per_token_loss``, Megatron-Core 0.17+ scales each depth's summed loss by
   ``main tokens / depth tokens`` (its rolled mask has fewer tokens); 0.16 adds the plain sum. We follow the
   installed release, so the numbers equal its own MTP's;
+- torch_dist's non-tensor ("common") state: 0.16 reads it only from ``common.pt``; 0.17+ keeps it inside the
+  DCP files and no longer writes that file. ``save_torch_dist`` writes both, so every checkpoint loads in
+  every supported release;
 - the layout of Megatron-Core's MTP logging tracker, read by the tests that compare with its MTP;
 - the extra keyword arguments ``GPTModel`` passes to ``_postprocess`` (``padding_mask`` and output processors in
   0.18+): the model takes them by keyword and hands them on unchanged, so nothing here needs to know.
 """
 
+import os
 from typing import Optional
 
 import torch
 from megatron.core import __version__ as _megatron_core_version
-from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
+from megatron.core.dist_checkpointing.utils import apply_prefix_mapping, extract_nonpersistent, extract_sharded_base
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper, get_mtp_layer_offset
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper, get_mtp_layer_offset  # noqa: F401
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from packaging.version import Version
@@ -36,6 +42,8 @@ if not SUPPORTED_RANGE[0] <= MEGATRON_CORE_VERSION < SUPPORTED_RANGE[1]:
     )
 
 _MTP_LAYER_FLAG = MEGATRON_CORE_VERSION >= Version("0.19.0")
+
+_COMMON_STATE_IN_DCP = MEGATRON_CORE_VERSION >= Version("0.17.0")
 
 PER_TOKEN_LOSS_RESCALES_DEPTHS = MEGATRON_CORE_VERSION >= Version("0.17.0")
 """Per-token loss mode: each depth's loss sum is scaled by ``main tokens / depth tokens`` (see above)."""
@@ -84,3 +92,14 @@ def megatron_core_mtp_logged_losses() -> torch.Tensor:
     """The per-depth losses Megatron-Core's own MTP logged since its tracker was last cleared, [D]."""
     tracker = MTPLossLoggingHelper.tracker
     return (tracker["loss_values"] if "loss_values" in tracker else tracker["values"]).clone()
+
+
+def save_torch_dist(sharded_state_dict: dict, directory: str) -> None:
+    """``dist_checkpointing.save`` (collective), readable by every supported release (see above)."""
+    common_state = None
+    if _COMMON_STATE_IN_DCP:
+        _, persistent = extract_nonpersistent(sharded_state_dict)
+        _, common_state = extract_sharded_base(persistent)
+    dist_checkpointing.save(sharded_state_dict, directory)
+    if common_state is not None and torch.distributed.get_rank() == 0:
+        torch.save(common_state, os.path.join(directory, COMMON_STATE_FNAME))

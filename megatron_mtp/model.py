@@ -159,11 +159,12 @@ class MTPGPTModel(GPTModel):
         unchanged (inference contexts, last-token logits, output processors keep working), except that
         Megatron-Core's own MTP is kept out of it.
         """
+        if not self.post_process:
+            return super()._postprocess(hidden_states=hidden_states, **kwargs)
         call = self._mtp_call or _MTPCall()
         labels, loss_mask = kwargs.get("labels"), kwargs.get("loss_mask")
         run_mtp = (
-            self.post_process
-            and hasattr(self, "mtp")
+            hasattr(self, "mtp")
             and labels is not None
             and (self.training if call.compute_mtp is None else call.compute_mtp)
         )
@@ -271,6 +272,11 @@ def _check_configs(config, mtp_config, mtp_block_spec, max_sequence_length, posi
         raise ValueError("pass mtp_block_spec from megatron_mtp.layers.get_mtp_block_spec, not Megatron-Core's")
     if mtp_config.enabled and config.context_parallel_size > 1:
         raise NotImplementedError("MTPGPTModel does not support context parallelism yet")
+    if mtp_config.enabled and (config.virtual_pipeline_model_parallel_size or 1) > 1:
+        raise NotImplementedError(
+            "MTPGPTModel does not support virtual pipeline stages (interleaved 1F1B) yet: "
+            f"virtual_pipeline_model_parallel_size is {config.virtual_pipeline_model_parallel_size}"
+        )
     if mtp_config.enabled and getattr(config, "use_mup", False):
         raise NotImplementedError("MTPGPTModel does not scale the MTP logits for muP yet: set use_mup=False")
 

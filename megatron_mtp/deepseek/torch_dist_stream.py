@@ -23,7 +23,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
-from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner, mcore_to_pyt_state_dict
@@ -37,6 +36,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+from megatron_mtp.compat import save_torch_dist
 
 DCP_METADATA = ".metadata"
 
@@ -137,7 +138,7 @@ class StreamingDistCheckpointWriter:
                 raise ValueError(f"{key}: saved chunks cover {covered} of {math.prod(entry.size)} elements")
         scratch = os.path.join(self.directory, ".common")
         os.makedirs(scratch)
-        dist_checkpointing.save(dict(common_state), scratch)
+        save_torch_dist(dict(common_state), scratch)
         for file_name in os.listdir(scratch):
             if not file_name.endswith(".distcp") and file_name != DCP_METADATA:
                 os.replace(os.path.join(scratch, file_name), os.path.join(self.directory, file_name))

@@ -19,6 +19,8 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
+from megatron_mtp.compat import save_torch_dist
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
 
@@ -67,7 +69,7 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, train_state: D
         "signature": signature,
         "topology": _topology(),
     }
-    dist_checkpointing.save(state, staging)
+    save_torch_dist(state, staging)
     dist.barrier()
     if rank == 0:
         if os.path.exists(final):
