@@ -81,6 +81,7 @@ class MTPGPTModel(GPTModel):
             **gpt_kwargs,
         )
         self.mtp_config = mtp_config
+        self._mtp_call: Optional[_MTPCall] = None
         has_mtp = post_process and mtp_config.enabled
         # Megatron-Core's name for "this stage holds MTP and a copy of the word embedding".
         self.mtp_process = has_mtp and mtp_config.mode == "sequential"
@@ -159,6 +160,7 @@ class MTPGPTModel(GPTModel):
         unchanged (inference contexts, last-token logits, output processors keep working), except that
         Megatron-Core's own MTP is kept out of it.
         """
+        kwargs["mtp_in_postprocess"] = False
         if not self.post_process:
             return super()._postprocess(hidden_states=hidden_states, **kwargs)
         call = self._mtp_call or _MTPCall()
@@ -176,7 +178,6 @@ class MTPGPTModel(GPTModel):
                 )
             # Before the main logits exist, so the MTP loss's transient buffers do not add to theirs.
             mtp_result = self._mtp_loss(hidden_states, call, **kwargs)
-        kwargs["mtp_in_postprocess"] = False
         with _main_predictions_recorded(self.output_layer, enabled=run_mtp and call.stats is not None) as main:
             with _without_megatron_mtp(self.config):
                 output = super()._postprocess(hidden_states=hidden_states, **kwargs)
