@@ -68,9 +68,14 @@ def add_mtp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Tokens per chunk of the chunked MTP loss. Default 512.",
     )
     group.add_argument(
-        "--mtp-loss-recompute-logits", action="store_true",
+        "--mtp-loss-recompute-logits", action="store_const", const=True, default=None,
         help="Chunked MTP loss: recompute each chunk's logits in backward instead of keeping the gradients "
-        "computed in forward (saves an output-weight-sized fp32 buffer per depth, costs one matmul per chunk).",
+        "computed in forward (no output-weight-sized fp32 buffer per depth, one more matmul per chunk). "
+        "Default: chosen per shape; always with --gradient-accumulation-fusion under Megatron DDP.",
+    )
+    group.add_argument(
+        "--no-mtp-loss-recompute-logits", action="store_const", const=False, dest="mtp_loss_recompute_logits",
+        help="Chunked MTP loss: always keep the gradients computed in forward (three matmuls per chunk).",
     )
     group.add_argument(
         "--mtp-latent-consistency-weight", type=float, default=0.0,
@@ -106,10 +111,10 @@ def _config(args: argparse.Namespace) -> MTPConfig:
         )
     if num_layers == 0 and args.mtp_loss_scaling_schedule:
         raise ValueError("--mtp-loss-scaling-schedule needs --mtp-num-layers >= 1")
-    chunk_flags = args.mtp_loss_chunk_size is not None or args.mtp_loss_recompute_logits
+    chunk_flags = args.mtp_loss_chunk_size is not None or args.mtp_loss_recompute_logits is not None
     if args.mtp_loss_implementation == "plain" and chunk_flags:
         raise ValueError(
-            "--mtp-loss-chunk-size and --mtp-loss-recompute-logits apply to --mtp-loss-implementation chunked"
+            "--mtp-loss-chunk-size and --[no-]mtp-loss-recompute-logits apply to --mtp-loss-implementation chunked"
         )
     try:
         return MTPConfig(

@@ -47,9 +47,12 @@ class MTPConfig:
     loss_chunk_size: int = 512
     """Tokens per chunk for the chunked loss."""
 
-    loss_recompute_logits: bool = False
-    """Chunked loss only: recompute each chunk's logits in backward instead of keeping the output-weight and
-    hidden-state gradients from the forward pass (one more matmul per chunk, no weight-sized buffer per depth)."""
+    loss_recompute_logits: Optional[bool] = None
+    """Chunked loss only: True recomputes each chunk's logits in backward (four matmuls per chunk, keeps only the
+    depth's input); False computes the gradients in forward and keeps them (three matmuls, an fp32 output-weight
+    gradient and an input gradient per depth until backward). None (default) chooses: recompute when the weight
+    gradient goes into Megatron DDP's ``main_grad`` (gradient-accumulation fusion), else keep the gradients only
+    where they are no larger than the depth's logits (``loss.chunked.gradients_in_forward``)."""
 
     latent_consistency_weight: float = 0.0
     """alpha of ``MSE(h_k[t], stopgrad(h_0[t+k]))`` (latent semantic enhancement, arXiv 2604.06155); 0 = off."""
@@ -80,6 +83,8 @@ class MTPConfig:
                 f"unknown MTP loss_implementation {self.loss_implementation!r}; "
                 f"choose one of {', '.join(LOSS_IMPLEMENTATIONS)}"
             )
+        if not (self.loss_recompute_logits is None or isinstance(self.loss_recompute_logits, bool)):
+            raise ValueError(f"MTP loss_recompute_logits must be None, True or False, got {self.loss_recompute_logits!r}")
         if type(self.loss_chunk_size) is not int or self.loss_chunk_size < 1:
             raise ValueError(f"MTP loss_chunk_size must be an int >= 1, got {self.loss_chunk_size!r}")
         _check_scale("MTP latent_consistency_weight", self.latent_consistency_weight)

@@ -11,6 +11,8 @@ tracker, streams and ``torch.cuda.synchronize()``. Rather than patching each cal
 * makes ``torch.cuda.synchronize/empty_cache`` and the stream API harmless;
 * replaces the model-parallel RNG tracker with one that forks the CPU generator;
 * defines ``moe_utils.te_general_gemm`` (None) that the MoE router uses unguarded without TE;
+* stands in for apex's ``fused_weight_gradient_mlp_cuda`` (the weight-gradient kernel of
+  ``gradient_accumulation_fusion``: ``main_grad += grad_output^T @ input``), so fusion on runs on the CPU;
 * gives the alltoall MoE dispatcher numpy split sizes and events it can synchronize on;
 * offers :class:`SequenceParallelNorm` and :func:`with_sequence_parallel_norms` because Megatron's
   torch norm refuses sequence parallelism (TE or apex provide that norm on GPU).
@@ -20,11 +22,14 @@ It is enabled explicitly with :func:`enable` and refuses to run where CUDA is av
 
 import contextlib
 import dataclasses
+import sys
 import threading
+import types
 
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron.core.tensor_parallel import layers as mcore_layers
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.transformer.moe import moe_utils, token_dispatcher
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -144,6 +149,7 @@ def enable() -> None:
         if not hasattr(moe_utils, "te_general_gemm"):  # referenced unguarded by the router without TE
             moe_utils.te_general_gemm = None
         token_dispatcher.maybe_move_tensor_to_cpu = _host_tensor
+        _install_wgrad_kernel()
         _enabled = True
     if not getattr(_state, "mode", None):
         _state.mode = _CudaToCpu()
@@ -154,6 +160,28 @@ def _host_tensor(tensor, as_numpy: bool = False, record_stream: bool = False):
     """``maybe_move_tensor_to_cpu`` for tensors already on the CPU: the alltoall MoE dispatcher asks for
     numpy split sizes (Megatron converts only CUDA tensors; torch's all_to_all_single refuses tensors)."""
     return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+
+def _install_wgrad_kernel() -> None:
+    """Provide ``fused_weight_gradient_mlp_cuda`` where Megatron-Core looks for it: the module global of
+    ``tensor_parallel.layers`` (whose ``ColumnParallelLinear`` refuses fusion without it) and ``sys.modules``
+    (``utils.drain_embedding_wgrad_compute`` imports it when called). Same in Megatron-Core 0.16 and 0.19."""
+    kernel = types.ModuleType("fused_weight_gradient_mlp_cuda", "CPU stand-in from megatron_mtp.cpu_bridge")
+    kernel.wgrad_gemm_accum_fp32 = _wgrad_gemm_accum_fp32
+    kernel.wgrad_gemm_accum_fp16 = _wgrad_gemm_accum_16bit
+    sys.modules["fused_weight_gradient_mlp_cuda"] = kernel
+    mcore_layers.fused_weight_gradient_mlp_cuda = kernel
+    mcore_layers._grad_accum_fusion_available = True
+
+
+def _wgrad_gemm_accum_fp32(input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """apex's kernel: ``main_grad [out, in] += grad_output [n, out]^T @ input [n, in]`` in fp32, in place."""
+    main_grad.addmm_(grad_output.t().float(), input.float())
+
+
+def _wgrad_gemm_accum_16bit(input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """The same for a bf16/fp16 ``main_grad``: the sum is formed in fp32 and rounded once, as the GEMM does."""
+    main_grad.add_(torch.mm(grad_output.t().float(), input.float()))
 
 
 def _keep_cpu_rng_tracker(*args, **kwargs):

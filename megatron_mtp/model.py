@@ -111,6 +111,11 @@ class MTPGPTModel(GPTModel):
         self._embedding_setup_deferred = False
         if self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()
+        if self.mtp_process and share_embeddings_and_output_weights and not pre_process:
+            # The output layer and the MTP embedding lookups share this stage's embedding copy, as the embedding
+            # and output layer share one weight at PP=1, where Megatron-Core marks it so. Unmarked, a fused output
+            # layer's grad_added_to_main_grad makes Megatron DDP drop the lookups' param.grad.
+            self.shared_embedding_or_output_weight().zero_out_wgrad = True
 
     def setup_embeddings_and_output_layer(self) -> None:
         # GPTModel.__init__ calls this before the MTP stage's embedding copy exists; run it once that is built.
@@ -223,7 +228,8 @@ class MTPGPTModel(GPTModel):
     def _depth_loss(self):
         if self.mtp_config.loss_implementation == "plain":
             return plain_depth_loss
-        return chunked(self.mtp_config.loss_chunk_size, grad_in_forward=not self.mtp_config.loss_recompute_logits)
+        recompute = self.mtp_config.loss_recompute_logits
+        return chunked(self.mtp_config.loss_chunk_size, grad_in_forward=None if recompute is None else not recompute)
 
     def _latent_targets(self, trunk_hidden_states: Tensor) -> LatentTargets:
         embedding_weight = None

@@ -49,7 +49,7 @@ def transformer_config(
             add_bias_linear=False,  # as MoE models are trained; expert biases hit an in-place-on-view path
             expert_model_parallel_size=ep,
         )
-    return TransformerConfig(
+    settings = dict(
         num_layers=num_layers,
         hidden_size=HIDDEN,
         ffn_hidden_size=64,
@@ -65,8 +65,8 @@ def transformer_config(
         pipeline_dtype=torch.float32,
         mtp_num_layers=mtp.megatron_mtp_num_layers,
         **moe,
-        **overrides,
     )
+    return TransformerConfig(**{**settings, **overrides})
 
 
 def decoder_spec(config: TransformerConfig):

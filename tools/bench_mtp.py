@@ -6,8 +6,18 @@ MTP on random tokens (no optimizer). Cases are interleaved (rounds run the cases
 machine that slows down does not favour one implementation. Reports the median step time after warm-up and
 the peak memory added over the no-MTP model of the same vocabulary, as a markdown table, JSON and a PNG.
 
+The floor: Megatron-Core's MTP at a tiny vocabulary (``--floor-vocab``) adds what both implementations need
+alike (the MTP transformer layers' parameters, gradients and activations) and next to nothing for logits;
+the table reports each case's added memory above that floor against Megatron-Core's.
+
+``--megatron-ddp`` wraps the model in Megatron's DistributedDataParallel (fp32 ``main_grad`` buffers, as
+Megatron trains) and ``--gradient-accumulation-fusion`` turns on Megatron-LM's GPU default, where weight
+gradients go straight into ``main_grad`` (on CPU through the bridge's stand-in for apex's kernel).
+
     python tools/bench_mtp.py                       # CPU: hidden 256, 4 layers, seq 256, batch 4
     python tools/bench_mtp.py --depths 1 --vocab-sizes 32000 --steps 2   # a quick look
+    python tools/bench_mtp.py --megatron-ddp --gradient-accumulation-fusion --hidden-size 1024 \
+        --seq-length 512 --micro-batch-size 1 --vocab-sizes 32000 --depths 1 2
 """
 
 import argparse
@@ -26,6 +36,7 @@ CASES = {
     "seq-plain": "ours, sequential, plain loss",
     "seq-chunked": "ours, sequential, chunked loss",
     "seq-chunked-recompute": "ours, sequential, chunked loss, logits recomputed in backward",
+    "seq-chunked-kept": "ours, sequential, chunked loss, gradients kept from forward",
     "parallel": "ours, parallel heads, chunked loss",
 }
 
@@ -36,7 +47,11 @@ def main() -> None:
         print("RESULT " + json.dumps(_measure(json.loads(args.child))), flush=True)
         return
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.gradient_accumulation_fusion and not args.megatron_ddp:
+        raise SystemExit("--gradient-accumulation-fusion needs --megatron-ddp (main_grad comes from Megatron's DDP)")
     jobs = [(vocab, 0, "none") for vocab in args.vocab_sizes]
+    if args.floor_vocab:
+        jobs += [(args.floor_vocab, 0, "none")] + [(args.floor_vocab, depth, "megatron") for depth in args.depths]
     jobs += [
         (vocab, depth, case)
         for vocab in args.vocab_sizes
@@ -63,7 +78,7 @@ def main() -> None:
         f.write(table)
     with open(os.path.join(args.output_dir, "bench_mtp.json"), "w") as f:
         json.dump({"settings": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows}, f, indent=1)
-    _plot(rows, os.path.join(args.output_dir, "bench_mtp.png"))
+    _plot([r for r in rows if r["vocab"] != args.floor_vocab], os.path.join(args.output_dir, "bench_mtp.png"))
     print(f"wrote {args.output_dir}/bench_mtp.md, .json, .png")
 
 
@@ -77,6 +92,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--chunk-size", type=int, default=512, help="tokens per chunk of the chunked loss")
+    parser.add_argument(
+        "--floor-vocab", type=int, default=256,
+        help="vocabulary of the floor measurement (Megatron-Core's MTP, logits negligible); 0: none",
+    )
+    parser.add_argument("--megatron-ddp", action="store_true", help="wrap in Megatron DDP (fp32 main_grad)")
+    parser.add_argument(
+        "--gradient-accumulation-fusion", action="store_true",
+        help="weight gradients straight into main_grad (needs --megatron-ddp; CPU: the bridge's kernel stand-in)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per case, interleaved")
@@ -108,6 +132,8 @@ def _measure(settings: dict) -> dict:
     model, batch, mask = _build(settings, device)
     times = []
     for step in range(settings["warmup"] + settings["steps"]):
+        if settings["megatron_ddp"]:
+            model.zero_grad_buffer()
         for param in model.parameters():
             param.grad = None
         if device == "cuda":
@@ -130,6 +156,7 @@ def _build(settings: dict, device: str):
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
     from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
@@ -158,13 +185,13 @@ def _build(settings: dict, device: str):
 
     case, depth = settings["case"], settings["depth"]
     mtp = None
-    if case in ("seq-plain", "seq-chunked", "seq-chunked-recompute", "parallel"):
+    if case not in ("none", "megatron"):
         mtp = MTPConfig(
             num_layers=depth,
             mode="parallel" if case == "parallel" else "sequential",
             loss_implementation="plain" if case == "seq-plain" else "chunked",
             loss_chunk_size=settings["chunk_size"],
-            loss_recompute_logits=case == "seq-chunked-recompute",
+            loss_recompute_logits={"seq-chunked-recompute": True, "seq-chunked-kept": False}.get(case),
         )
     hidden = settings["hidden_size"]
     config = TransformerConfig(
@@ -174,7 +201,7 @@ def _build(settings: dict, device: str):
         num_attention_heads=max(hidden // 64, 1),
         normalization="RMSNorm",
         use_cpu_initialization=device == "cpu",
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=settings["gradient_accumulation_fusion"],
         hidden_dropout=0.0,
         attention_dropout=0.0,
         mtp_num_layers=depth if case == "megatron" else (mtp.megatron_mtp_num_layers if mtp else None),
@@ -191,6 +218,8 @@ def _build(settings: dict, device: str):
             config, spec, vocab, seq, mtp_config=mtp, mtp_block_spec=get_mtp_block_spec(spec, mtp), **common
         )
     model = model.to(device)
+    if settings["megatron_ddp"]:
+        model = DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(), module=model)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (settings["micro_batch_size"], seq + 1), generator=generator).to(device)
     mask = torch.ones(settings["micro_batch_size"], seq, device=device)
@@ -221,36 +250,51 @@ def _summarise(samples: dict, args) -> list:
     megatron = {(r["vocab"], r["depth"]): r for r in rows if r["case"] == "megatron"}
     for row in rows:
         row["added_mb"] = row["peak_mb"] - base[row["vocab"]]["peak_mb"] if row["vocab"] in base else None
+    floor = {r["depth"]: r["added_mb"] for r in rows if r["vocab"] == args.floor_vocab and r["case"] == "megatron"}
+    for row in rows:
         reference = megatron.get((row["vocab"], row["depth"]))
         if reference and row["case"] != "none":
             row["time_vs_megatron"] = row["step_s"] / reference["step_s"]
             if row["added_mb"] is not None and reference["added_mb"]:
                 row["added_vs_megatron"] = row["added_mb"] / reference["added_mb"]
+            floor_mb = floor.get(row["depth"]) if row["vocab"] != args.floor_vocab else None
+            if floor_mb is not None and row["added_mb"] is not None and reference["added_mb"] > floor_mb:
+                row["floor_mb"] = floor_mb
+                row["above_floor_vs_megatron"] = (row["added_mb"] - floor_mb) / (reference["added_mb"] - floor_mb)
     rows.sort(key=lambda r: (r["vocab"], r["depth"], list(CASES).index(r["case"])))
     return rows
 
 
 def _markdown(rows: list, args) -> str:
+    device = rows[0]["device"] if rows else "?"
+    ddp = "Megatron DDP" if args.megatron_ddp else "no DDP"
     lines = [
         f"hidden {args.hidden_size}, {args.num_layers} layers, seq {args.seq_length}, batch {args.micro_batch_size}, "
-        f"fp32, device {rows[0]['device'] if rows else '?'}, chunk {args.chunk_size}; median of "
-        f"{args.steps} steps x {args.rounds} round(s) after {args.warmup} warm-up; memory = peak "
-        f"{'RSS' if rows and rows[0]['device'] == 'cpu' else 'allocated'} of a fresh process.",
+        f"fp32, {ddp}, gradient-accumulation fusion {'on' if args.gradient_accumulation_fusion else 'off'}, "
+        f"device {device}, chunk {args.chunk_size}; median of {args.steps} steps x {args.rounds} round(s) after "
+        f"{args.warmup} warm-up; memory = peak {'RSS' if device == 'cpu' else 'allocated'} of a fresh process. "
+        f"Floor: what Megatron-Core's MTP adds at vocab {args.floor_vocab} (its MTP layers, next to no logits).",
         "",
         "| vocab | D | implementation | step (s) | time vs Megatron | peak (MB) | added over no MTP (MB) "
-        "| added vs Megatron |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| added vs Megatron | floor (MB) | added above floor vs Megatron |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        time_ratio, added, added_ratio = (_format(r, key, pattern) for key, pattern in _OPTIONAL_COLUMNS)
+        time_ratio, added, added_ratio, floor, above_floor = (_format(r, key, pattern) for key, pattern in _OPTIONAL_COLUMNS)
         lines.append(
             f"| {r['vocab']} | {r['depth']} | {CASES[r['case']]} | {r['step_s']:.3f} | {time_ratio} "
-            f"| {r['peak_mb']:.0f} | {added} | {added_ratio} |"
+            f"| {r['peak_mb']:.0f} | {added} | {added_ratio} | {floor} | {above_floor} |"
         )
     return "\n".join(lines) + "\n"
 
 
-_OPTIONAL_COLUMNS = (("time_vs_megatron", "{:.2f}x"), ("added_mb", "{:.0f}"), ("added_vs_megatron", "{:.2f}x"))
+_OPTIONAL_COLUMNS = (
+    ("time_vs_megatron", "{:.2f}x"),
+    ("added_mb", "{:.0f}"),
+    ("added_vs_megatron", "{:.2f}x"),
+    ("floor_mb", "{:.0f}"),
+    ("above_floor_vs_megatron", "{:.2f}x"),
+)
 
 
 def _format(row: dict, key: str, pattern: str) -> str:

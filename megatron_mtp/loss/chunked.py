@@ -5,10 +5,24 @@ Here the tokens go through in chunks of ``chunk_size``: each chunk's logits are 
 tensor-parallel vocabulary slices (max, sum of exponentials, target logit, and the greedy id for the metrics)
 and freed. Gradients come chunk by chunk as well, ``dL/dlogits = mask * (softmax - onehot)``:
 
-- ``grad_in_forward=True``: the forward pass also computes ``dL/dh`` ([tokens, h]) and ``dL/dW`` ([V/tp, h],
-  fp32) and keeps them; backward only multiplies them by the incoming gradient, which is a scalar because the
+- gradients in forward: the forward pass also computes ``dL/dh`` ([n, h]) and ``dL/dW`` ([V/tp, h], fp32)
+  and keeps them; backward only multiplies them by the incoming gradient, which is a scalar because the
   result is a scalar loss. Three matmuls per chunk, like an ordinary linear + cross-entropy.
-- ``grad_in_forward=False``: backward recomputes each chunk's logits. Four matmuls, nothing kept.
+- recompute: backward recomputes each chunk's logits. Four matmuls; only the input ``[n, h]`` is kept.
+
+Where ``dL/dW`` goes: with gradient-accumulation fusion and Megatron DDP's ``main_grad`` on the weight (the
+condition of Megatron's ``LinearWithGradAccumulationAndAsyncCommunication``), it is added into ``main_grad``
+with the same fused kernel, ``grad_added_to_main_grad`` is set and a zero stand-in is returned, so DDP's hook
+(which then ignores ``param.grad``) loses nothing. Otherwise it is returned through autograd.
+
+Which variant (``grad_in_forward=None``, the default; see :func:`gradients_in_forward`): with ``main_grad``,
+recompute, adding each chunk's ``dL/dW`` straight into ``main_grad`` in backward, so no weight-sized buffer
+exists (``dL/dW`` cannot go there in forward: the incoming gradient is not known yet). Without it, both
+variants make one fp32 ``[V/tp, h]`` buffer per depth: recomputing makes it in its own backward, after the
+main head's logits are freed, and keeps only the input until then; keeping gradients from forward holds it
+and ``dL/dh`` through the main head's forward and backward, for one matmul less per chunk. That is chosen
+where what it keeps (``4 V/tp h`` bytes plus ``n h`` input-sized elements) is no more than the fp32 logits
+``[n, V/tp]`` the plain path would keep for the depth, i.e. roughly where hidden < tokens.
 
 Peak memory: one chunk's fp32 logits (plus the kept gradients in the first variant) instead of every token's
 logits and softmax. The tensor-parallel gradient reduction of ``h`` is left to the same region functions a
@@ -16,6 +30,7 @@ logits and softmax. The tensor-parallel gradient reduction of ``h`` is left to t
 """
 
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -27,6 +42,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron_mtp.loss.metrics import vocab_slice_start
 from megatron_mtp.loss.mtp_loss import DepthLoss, OutputHead
 
+
 def chunked_depth_loss(
     hidden_states: torch.Tensor,
     head: OutputHead,
@@ -34,7 +50,7 @@ def chunked_depth_loss(
     loss_mask: torch.Tensor,
     want_predictions: bool,
     chunk_size: int,
-    grad_in_forward: bool = True,
+    grad_in_forward: Optional[bool] = None,
 ) -> DepthLoss:
     """Drop-in for ``mtp_loss.plain_depth_loss``: same loss, gradients and metrics, chunked.
 
@@ -42,17 +58,24 @@ def chunked_depth_loss(
         hidden_states: h_k, [s, b, h] ([s/tp, b, h] under sequence parallelism).
         labels, loss_mask: already rolled for this depth, [b, s].
         want_predictions: also return the greedy ids, for the acceptance metrics.
+        grad_in_forward: keep the gradients from forward (True) or recompute the logits in backward (False);
+            None chooses by :func:`gradients_in_forward`.
     """
     output_layer = head.output_layer
     if getattr(output_layer, "bias", None) is not None:
         raise ValueError("the chunked MTP loss supports output layers without bias only")
     weight = head.weight if head.weight is not None else output_layer.weight
+    into_main_grad = _writes_main_grad(output_layer, weight)
     tp_group = head.tp_group
     if getattr(output_layer, "sequence_parallel", False):
         hidden_states = gather_from_sequence_parallel_region(hidden_states, group=tp_group)
     elif tp_group is not None and dist.get_world_size(tp_group) > 1:
         hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=tp_group)
     seq_len, batch, hidden = hidden_states.shape
+    if grad_in_forward is None:
+        grad_in_forward = gradients_in_forward(
+            seq_len * batch, hidden, weight.size(0), hidden_states.element_size(), into_main_grad
+        )
     loss_sum, predictions = ChunkedVocabParallelCrossEntropy.apply(
         hidden_states.reshape(seq_len * batch, hidden),
         weight,
@@ -62,13 +85,28 @@ def chunked_depth_loss(
         chunk_size,
         grad_in_forward,
         want_predictions,
+        into_main_grad,
     )
     return DepthLoss(loss_sum, predictions.view(seq_len, batch).t() if want_predictions else None)
 
 
-def chunked(chunk_size: int, grad_in_forward: bool):
+def chunked(chunk_size: int, grad_in_forward: Optional[bool] = None):
     """``chunked_depth_loss`` with its settings bound, for ``mtp_loss(depth_loss=...)``."""
     return partial(chunked_depth_loss, chunk_size=chunk_size, grad_in_forward=grad_in_forward)
+
+
+def gradients_in_forward(tokens: int, hidden: int, vocab_slice: int, input_bytes: int, into_main_grad: bool) -> bool:
+    """True: keep ``dL/dh`` and ``dL/dW`` from forward; False: recompute the logits in backward (module docstring).
+
+    Args:
+        tokens: n, the rows of the depth's input (after the sequence-parallel gather); hidden: h.
+        vocab_slice: V/tp; input_bytes: bytes per element of the input.
+        into_main_grad: the weight gradient goes into Megatron DDP's ``main_grad``.
+    """
+    if into_main_grad:
+        return False
+    kept = 4 * vocab_slice * hidden + input_bytes * tokens * hidden
+    return kept <= 4 * tokens * vocab_slice
 
 
 class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
@@ -76,10 +114,14 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
 
     forward(x [n, h], weight [V/tp, h], labels [n] global ids, mask [n] fp32, ...) ->
         (loss_sum scalar fp32, predictions [n] global greedy ids, or an empty tensor when not requested)
+
+    With ``into_main_grad`` the weight gradient is added into ``weight.main_grad`` as Megatron's
+    ``LinearWithGradAccumulationAndAsyncCommunication`` does under gradient-accumulation fusion (same kernel,
+    ``grad_added_to_main_grad`` set, a zero stand-in returned so DDP's hook adds nothing more).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, labels, mask, tp_group, chunk_size, grad_in_forward, want_predictions):
+    def forward(ctx, x, weight, labels, mask, tp_group, chunk_size, grad_in_forward, want_predictions, into_main_grad):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         vocab_start = vocab_slice_start(weight, tp_group)
@@ -95,11 +137,13 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             if want_predictions:
                 predictions[rows] = chunk.predictions
             if keep_grads:
-                _backpropagate_chunk(chunk.grad_logits(mask[rows]), x, weight, rows, grad_x, grad_weight)
+                _backpropagate_chunk(chunk.grad_logits(mask[rows]), x, weight, rows, grad_x, _adder(grad_weight))
         ctx.tp_group, ctx.chunk_size, ctx.vocab_start = tp_group, chunk_size, vocab_start
-        ctx.kept_grads, ctx.consumed, ctx.weight_dtype = keep_grads, False, weight.dtype
+        ctx.kept_grads, ctx.consumed = keep_grads, False
+        # An attribute, not a saved tensor (as in Megatron's linear): main_grad changes in place before backward.
+        ctx.main_grad = weight.main_grad if into_main_grad else None
         if keep_grads:
-            ctx.save_for_backward(grad_x, grad_weight)
+            ctx.save_for_backward(grad_x, grad_weight, weight)
         else:
             ctx.save_for_backward(x, weight, labels, mask)
         ctx.mark_non_differentiable(predictions)
@@ -112,19 +156,53 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             if ctx.consumed:
                 raise RuntimeError("the chunked MTP loss keeps its gradients for one backward pass (no retain_graph)")
             ctx.consumed = True
-            grad_x, grad_weight = ctx.saved_tensors
-            return grad_x.mul_(grad_loss.to(grad_x.dtype)), grad_weight.mul_(grad_loss).to(ctx.weight_dtype), *_NONES
+            grad_x, grad_weight, weight = ctx.saved_tensors
+            grad_x.mul_(grad_loss.to(grad_x.dtype))
+            grad_weight.mul_(grad_loss)
+            if ctx.main_grad is None:
+                return grad_x, grad_weight.to(weight.dtype), *_NONES
+            ctx.main_grad.add_(grad_weight)
+            return grad_x, _added_to_main_grad(weight), *_NONES
         x, weight, labels, mask = ctx.saved_tensors
         grad_x = torch.empty_like(x)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if ctx.main_grad is None:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            add_weight_grad = _adder(grad_weight)
+        else:
+            add_weight_grad = _fused_adder(ctx.main_grad)
         for start in range(0, x.size(0), ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             chunk = _ChunkLogits(x[rows], weight, labels[rows], ctx.vocab_start, ctx.tp_group, False)
-            _backpropagate_chunk(chunk.grad_logits(mask[rows] * grad_loss), x, weight, rows, grad_x, grad_weight)
-        return grad_x, grad_weight.to(weight.dtype), *_NONES
+            _backpropagate_chunk(chunk.grad_logits(mask[rows] * grad_loss), x, weight, rows, grad_x, add_weight_grad)
+        if ctx.main_grad is None:
+            return grad_x, grad_weight.to(weight.dtype), *_NONES
+        return grad_x, _added_to_main_grad(weight), *_NONES
 
 
-_NONES = (None,) * 6  # no gradient for labels, mask, tp_group, chunk_size, grad_in_forward, want_predictions
+# No gradient for labels, mask, tp_group, chunk_size, grad_in_forward, want_predictions, into_main_grad.
+_NONES = (None,) * 7
+
+
+def _writes_main_grad(output_layer, weight) -> bool:
+    """Megatron's linear layers' condition for adding the weight gradient straight into ``main_grad``."""
+    if not getattr(output_layer, "gradient_accumulation_fusion", False):
+        return False
+    if hasattr(weight, "__fsdp_param__"):  # Megatron-FSDP makes main_grad per backward and overwrites it
+        raise NotImplementedError(
+            "the chunked MTP loss does not support Megatron-FSDP with gradient_accumulation_fusion; "
+            "use --mtp-loss-implementation plain or --no-gradient-accumulation-fusion"
+        )
+    return hasattr(weight, "main_grad")
+
+
+def _added_to_main_grad(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The weight "gradient" to return once it is in ``main_grad``, as Megatron's fused linear returns it: under
+    Megatron DDP a zero stand-in (its hook adds ``param.grad`` only for weights shared on one stage, which
+    Megatron marks ``zero_out_wgrad``; zero is right either way), costing no memory; else None."""
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    weight.grad_added_to_main_grad = True
+    return torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
 
 
 class _ChunkLogits:
@@ -169,15 +247,31 @@ class _ChunkLogits:
         return grad
 
 
-def _backpropagate_chunk(grad_logits, x, weight, rows, grad_x, grad_weight) -> None:
-    """From one chunk's dL/dlogits [c, V/tp] (fp32): grad_x[rows] = it @ W ([c, h]) and grad_weight [V/tp, h] fp32
-    += its transpose @ x[rows]."""
+def _backpropagate_chunk(grad_logits, x, weight, rows, grad_x, add_weight_grad) -> None:
+    """From one chunk's dL/dlogits [c, V/tp] (fp32): grad_x[rows] = it @ W ([c, h]), and its transpose @ x[rows]
+    ([V/tp, h]) to the weight gradient through ``add_weight_grad(x[rows], dL/dlogits)``."""
     grad_logits = grad_logits.to(x.dtype)
     grad_x[rows] = grad_logits @ weight
-    if x.dtype == grad_weight.dtype:
-        grad_weight.addmm_(grad_logits.t(), x[rows])
+    add_weight_grad(x[rows], grad_logits)
+
+
+def _adder(grad_weight: torch.Tensor):
+    """Accumulates into an fp32 buffer, in place (the chunk's inputs are cast, not the product)."""
+    return lambda input, grad_output: grad_weight.addmm_(grad_output.t().float(), input.float())
+
+
+def _fused_adder(main_grad: torch.Tensor):
+    """Accumulates into ``main_grad`` with the kernel Megatron's linear layers use (apex; the CPU bridge's
+    stand-in on CPU), picked by ``main_grad``'s dtype as they pick it."""
+    import fused_weight_gradient_mlp_cuda
+
+    if main_grad.dtype == torch.float32:
+        kernel = fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32
+    elif main_grad.dtype in (torch.float16, torch.bfloat16):
+        kernel = fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16
     else:
-        grad_weight += grad_logits.t() @ x[rows]
+        raise RuntimeError(f"gradient accumulation fusion does not support main_grad of dtype {main_grad.dtype}")
+    return lambda input, grad_output: kernel(input, grad_output, main_grad)
 
 
 def _all_reduce(tensor: torch.Tensor, op, tp_group) -> torch.Tensor:

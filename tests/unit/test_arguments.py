@@ -25,7 +25,7 @@ def test_flags_build_the_mtp_config():
 
 def test_loss_flags_build_the_mtp_config():
     default = _parse(["--mtp-num-layers", "1"])
-    assert (default.loss_implementation, default.loss_chunk_size, default.loss_recompute_logits) == ("chunked", 512, False)
+    assert (default.loss_implementation, default.loss_chunk_size, default.loss_recompute_logits) == ("chunked", 512, None)
     assert not default.latent_losses
     config = _parse(
         ["--mtp-num-layers", "2", "--mtp-loss-chunk-size", "64", "--mtp-loss-recompute-logits",
@@ -33,6 +33,7 @@ def test_loss_flags_build_the_mtp_config():
     )
     assert (config.loss_chunk_size, config.loss_recompute_logits) == (64, True)
     assert (config.latent_consistency_weight, config.semantic_anchoring_weight, config.latent_losses) == (0.1, 0.2, True)
+    assert _parse(["--mtp-num-layers", "1", "--no-mtp-loss-recompute-logits"]).loss_recompute_logits is False
     assert _parse(["--mtp-num-layers", "1", "--mtp-loss-implementation", "plain"]).loss_implementation == "plain"
 
 

@@ -1,0 +1,151 @@
+"""Gradient-accumulation fusion (Megatron-LM's GPU default): Megatron's linear layers add their weight gradients
+straight into Megatron DDP's fp32 ``main_grad`` and mark them ``grad_added_to_main_grad``, after which DDP's hook
+ignores ``param.grad``. The MTP loss must put its share of the output weight's gradient there too.
+
+Fusion on equals fusion off, every parameter's ``main_grad`` after a step, both modes, tied and untied output
+weights, the chunked and the plain loss (one process; PP=2: tests/distributed/test_main_grad_parallel.py). The fused
+kernel is the CPU bridge's stand-in. The chunked loss keeps no output-weight-sized buffer when it writes into
+``main_grad``, and its automatic choice between keeping gradients from forward and recomputing the logits in
+backward follows the rule in ``loss/chunked.py``."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_mtp.config import MTPConfig
+from megatron_mtp.loss.chunked import chunked_depth_loss, gradients_in_forward
+from megatron_mtp.loss.mtp_loss import OutputHead
+from tiny import build_model, global_names, make_batches, train_step, transformer_config, wrap_ddp
+
+LOSSES = {
+    "plain": dict(loss_implementation="plain"),
+    "chunked": dict(loss_implementation="chunked", loss_chunk_size=7),
+    "chunked, gradients kept from forward": dict(
+        loss_implementation="chunked", loss_chunk_size=7, loss_recompute_logits=False
+    ),
+}
+
+
+def _step_main_grads(mtp: MTPConfig, tied: bool, fusion: bool, weights=None):
+    """Initial weights and every parameter's main_grad after one Megatron DDP step of 2 micro-batches."""
+    config = transformer_config(mtp, gradient_accumulation_fusion=fusion)
+    model = build_model(config, mtp, tied=tied)
+    if weights is not None:
+        model.load_state_dict(weights)
+    weights = {name: value.clone() for name, value in model.state_dict().items() if torch.is_tensor(value)}
+    model = wrap_ddp(model, config)
+    train_step(model, config, make_batches(2))
+    core = model.module
+    output_weight = core.shared_embedding_or_output_weight() if tied else core.output_layer.weight
+    assert output_weight.grad_added_to_main_grad == fusion
+    return weights, {name: param.main_grad.clone() for name, param in global_names(model).items()}
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_fusion_on_gives_the_main_grads_of_fusion_off(single_process, mode, tied, loss):
+    mtp = MTPConfig(num_layers=2, mode=mode, depth_weighting="harmonic", **LOSSES[loss])
+    weights, expected = _step_main_grads(mtp, tied, fusion=False)
+    _, fused = _step_main_grads(mtp, tied, fusion=True, weights=weights)
+    assert fused.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(fused[name], grad, atol=1e-5, rtol=0, msg=lambda text: f"{name}: {text}")
+
+
+class _FusedHead(torch.nn.Module):
+    """A ColumnParallelLinear's face as the chunked loss sees it, with a Megatron-DDP-style ``main_grad``."""
+
+    def __init__(self, vocab: int, hidden: int, fusion: bool, main_grad: bool):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(vocab, hidden) / hidden**0.5)
+        self.bias = None
+        self.gradient_accumulation_fusion = fusion
+        if main_grad:
+            self.weight.main_grad = torch.zeros(vocab, hidden)
+            self.weight.grad_added_to_main_grad = False
+
+
+class _LargestNewStorage(TorchDispatchMode):
+    """Records the largest storage (bytes) any op creates while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors(args) + _tensors(kwargs)}
+        for tensor in _tensors(out):
+            if tensor.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, tensor.untyped_storage().nbytes())
+        return out
+
+
+def _tensors(tree):
+    return [leaf for leaf in torch.utils._pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+
+
+def _inputs(tokens: int, vocab: int, hidden: int):
+    """hidden_states [tokens, 1, hidden], labels and loss mask [1, tokens]."""
+    generator = torch.Generator().manual_seed(3)
+    hidden_states = torch.randn(tokens, 1, hidden, generator=generator, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, tokens), generator=generator)
+    mask = (torch.rand(1, tokens, generator=generator) > 0.2).float()
+    return hidden_states, labels, mask
+
+
+def _probed_gradients(head, tokens: int, grad_in_forward=None):
+    """d(3 * loss)/d(hidden_states, weight) from the chunked loss (2-token chunks) and from torch's cross-entropy
+    on full logits, and the largest storage the chunked loss created in forward and in backward."""
+    hidden_states, labels, mask = _inputs(tokens, *head.weight.shape)
+    inputs = (hidden_states, head.weight)
+    with _LargestNewStorage() as forward:
+        result = chunked_depth_loss(hidden_states, OutputHead(head, None, None), labels, mask, False, 2, grad_in_forward)
+    with _LargestNewStorage() as backward:
+        grads = torch.autograd.grad(result.loss_sum * 3.0, inputs)
+    logits = hidden_states[:, 0] @ head.weight.t()
+    expected_loss = (F.cross_entropy(logits, labels[0], reduction="none") * mask[0]).sum()
+    torch.testing.assert_close(result.loss_sum, expected_loss)
+    expected = torch.autograd.grad(expected_loss * 3.0, inputs)
+    return grads, expected, forward.largest, backward.largest
+
+
+@pytest.mark.parametrize("grad_in_forward", [None, False, True], ids=["automatic", "recompute", "kept"])
+def test_chunked_loss_adds_the_weight_gradient_into_main_grad(gloo_world, grad_in_forward):
+    head = _FusedHead(vocab=64, hidden=8, fusion=True, main_grad=True)
+    head.weight.main_grad += 1.0  # what earlier micro-batches left there
+    grads, expected, forward_bytes, backward_bytes = _probed_gradients(head, 24, grad_in_forward)
+    torch.testing.assert_close(grads[0], expected[0])
+    torch.testing.assert_close(head.weight.main_grad, expected[1] + 1.0)
+    assert head.weight.grad_added_to_main_grad
+    assert not grads[1].any()  # the stand-in DDP's hook ignores (or adds, for a weight shared on one stage)
+    if grad_in_forward is not True:  # the default with main_grad: nothing output-weight-sized, in either pass
+        assert max(forward_bytes, backward_bytes) < head.weight.numel() * 4
+
+
+def test_without_fusion_the_weight_gradient_goes_through_autograd():
+    head = _FusedHead(vocab=64, hidden=8, fusion=False, main_grad=True)
+    grads, expected, _, _ = _probed_gradients(head, 24)
+    torch.testing.assert_close(grads, expected)
+    assert not head.weight.main_grad.any() and not head.weight.grad_added_to_main_grad
+
+
+def test_automatic_choice_keeps_gradients_only_where_they_are_smaller_than_the_logits():
+    # README benchmark shape (hidden 256, 1024 tokens, V=32k, fp32): kept gradients 33 MB < logits 131 MB.
+    assert gradients_in_forward(tokens=1024, hidden=256, vocab_slice=32000, input_bytes=4, into_main_grad=False)
+    # DeepSeek-V3 (hidden 7168, 4096 tokens, V=129280, bf16): 3.7 GB of kept gradients > 2.1 GB of logits.
+    assert not gradients_in_forward(tokens=4096, hidden=7168, vocab_slice=129280, input_bytes=2, into_main_grad=False)
+    # With main_grad the weight gradient is added in backward, chunk by chunk: recompute.
+    assert not gradients_in_forward(tokens=1024, hidden=256, vocab_slice=32000, input_bytes=4, into_main_grad=True)
+    with pytest.raises(ValueError, match="loss_recompute_logits must be None, True or False"):
+        MTPConfig(loss_recompute_logits=1)  # the override is True / False; None chooses
+
+    # And the loss follows it: an output-weight-sized buffer is made in forward only where gradients are kept.
+    for hidden, kept in ((8, True), (48, False)):
+        assert gradients_in_forward(32, hidden, 64, 4, False) == kept
+        head = _FusedHead(vocab=64, hidden=hidden, fusion=False, main_grad=False)
+        grads, expected, forward_bytes, _ = _probed_gradients(head, 32)
+        torch.testing.assert_close(grads, expected)
+        assert (forward_bytes >= head.weight.numel() * 4) == kept
