@@ -222,7 +222,7 @@ class MTPGPTModel(GPTModel):
             per_token_loss=self.config.calculate_per_token_loss,
             depth_loss=self._depth_loss(),
             latent_targets=self._latent_targets(hidden_states) if config.latent_losses else None,
-            want_predictions=call.stats is not None,
+            want_stats=call.stats is not None,
         )
 
     def _depth_loss(self):

@@ -8,15 +8,20 @@ and freed. Gradients come chunk by chunk as well, ``dL/dlogits = mask * (softmax
 - gradients in forward: the forward pass also computes ``dL/dh`` ([n, h]) and ``dL/dW`` ([V/tp, h], fp32)
   and keeps them; backward only multiplies them by the incoming gradient, which is a scalar because the
   result is a scalar loss. Three matmuls per chunk, like an ordinary linear + cross-entropy.
-- recompute: backward recomputes each chunk's logits. Four matmuls; only the input ``[n, h]`` is kept.
+- recompute: backward recomputes each chunk's logits. Only the input ``[n, h]`` is kept. When the caller wants
+  no metrics (``want_stats=False``: every training step but the logging ones) forward computes nothing and
+  backward makes the loss's gradients in one pass: three matmuls per chunk, as Megatron-Core's linear +
+  cross-entropy, and the forward loss value reads NaN (nothing needs it: the MTP term enters training only
+  through its gradient, see ``mtp_loss.inject_mtp_loss``). With metrics, forward also computes the loss and the
+  greedy ids: four matmuls.
 
 Where ``dL/dW`` goes: with gradient-accumulation fusion and Megatron DDP's ``main_grad`` on the weight (the
 condition of Megatron's ``LinearWithGradAccumulationAndAsyncCommunication``), it is added into ``main_grad``
 with the same fused kernel, ``grad_added_to_main_grad`` is set and a zero stand-in is returned, so DDP's hook
 (which then ignores ``param.grad``) loses nothing. Otherwise it is returned through autograd.
 
-Which variant (``grad_in_forward=None``, the default; see :func:`gradients_in_forward`): with ``main_grad``,
-recompute, adding each chunk's ``dL/dW`` straight into ``main_grad`` in backward, so no weight-sized buffer
+Which variant (``grad_in_forward=None``, the default): without metrics, recompute. With metrics
+(:func:`gradients_in_forward`): with ``main_grad``, recompute, adding each chunk's ``dL/dW`` straight into ``main_grad`` in backward, so no weight-sized buffer
 exists (``dL/dW`` cannot go there in forward: the incoming gradient is not known yet). Without it, both
 variants make one fp32 ``[V/tp, h]`` buffer per depth: recomputing makes it in its own backward, after the
 main head's logits are freed, and keeps only the input until then; keeping gradients from forward holds it
@@ -48,7 +53,7 @@ def chunked_depth_loss(
     head: OutputHead,
     labels: torch.Tensor,
     loss_mask: torch.Tensor,
-    want_predictions: bool,
+    want_stats: bool,
     chunk_size: int,
     grad_in_forward: Optional[bool] = None,
 ) -> DepthLoss:
@@ -57,9 +62,11 @@ def chunked_depth_loss(
     Args:
         hidden_states: h_k, [s, b, h] ([s/tp, b, h] under sequence parallelism).
         labels, loss_mask: already rolled for this depth, [b, s].
-        want_predictions: also return the greedy ids, for the acceptance metrics.
+        want_stats: compute the loss value and the greedy ids in forward, for the metrics. Without it and with
+            the logits recomputed in backward, forward only saves the input and backward makes the loss's
+            gradients in one pass (three matmuls per chunk); the returned loss value is then NaN.
         grad_in_forward: keep the gradients from forward (True) or recompute the logits in backward (False);
-            None chooses by :func:`gradients_in_forward`.
+            None: recompute when no stats are wanted, else choose by :func:`gradients_in_forward`.
     """
     output_layer = head.output_layer
     if getattr(output_layer, "bias", None) is not None:
@@ -73,7 +80,7 @@ def chunked_depth_loss(
         hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=tp_group)
     seq_len, batch, hidden = hidden_states.shape
     if grad_in_forward is None:
-        grad_in_forward = gradients_in_forward(
+        grad_in_forward = want_stats and gradients_in_forward(
             seq_len * batch, hidden, weight.size(0), hidden_states.element_size(), into_main_grad
         )
     loss_sum, predictions = ChunkedVocabParallelCrossEntropy.apply(
@@ -84,10 +91,10 @@ def chunked_depth_loss(
         tp_group,
         chunk_size,
         grad_in_forward,
-        want_predictions,
+        want_stats,
         into_main_grad,
     )
-    return DepthLoss(loss_sum, predictions.view(seq_len, batch).t() if want_predictions else None)
+    return DepthLoss(loss_sum, predictions.view(seq_len, batch).t() if want_stats else None)
 
 
 def chunked(chunk_size: int, grad_in_forward: Optional[bool] = None):
@@ -121,20 +128,22 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, labels, mask, tp_group, chunk_size, grad_in_forward, want_predictions, into_main_grad):
+    def forward(ctx, x, weight, labels, mask, tp_group, chunk_size, grad_in_forward, want_stats, into_main_grad):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         vocab_start = vocab_slice_start(weight, tp_group)
-        keep_grads = grad_in_forward and any(ctx.needs_input_grad[:2])
+        backward_follows = any(ctx.needs_input_grad[:2])
+        keep_grads = grad_in_forward and backward_follows
         grad_x = torch.empty_like(x) if keep_grads else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if keep_grads else None
-        predictions = torch.empty(x.size(0) if want_predictions else 0, dtype=torch.long, device=x.device)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
-        for start in range(0, x.size(0), chunk_size):
+        predictions = torch.empty(x.size(0) if want_stats else 0, dtype=torch.long, device=x.device)
+        value_in_backward = backward_follows and not keep_grads and not want_stats
+        loss_sum = torch.full((), torch.nan if value_in_backward else 0.0, dtype=torch.float32, device=x.device)
+        for start in range(0, 0 if value_in_backward else x.size(0), chunk_size):
             rows = slice(start, start + chunk_size)
-            chunk = _ChunkLogits(x[rows], weight, labels[rows], vocab_start, tp_group, want_predictions)
+            chunk = _ChunkLogits(x[rows], weight, labels[rows], vocab_start, tp_group, want_stats)
             loss_sum += (chunk.token_loss * mask[rows]).sum()
-            if want_predictions:
+            if want_stats:
                 predictions[rows] = chunk.predictions
             if keep_grads:
                 _backpropagate_chunk(chunk.grad_logits(mask[rows]), x, weight, rows, grad_x, _adder(grad_weight))
@@ -179,7 +188,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         return grad_x, _added_to_main_grad(weight), *_NONES
 
 
-# No gradient for labels, mask, tp_group, chunk_size, grad_in_forward, want_predictions, into_main_grad.
+# No gradient for labels, mask, tp_group, chunk_size, grad_in_forward, want_stats, into_main_grad.
 _NONES = (None,) * 7
 
 
@@ -211,7 +220,7 @@ class _ChunkLogits:
     x: [c, h], weight: [V/tp, h], labels: [c] global ids. Holds one fp32 [c, V/tp] buffer, reused in place.
     """
 
-    def __init__(self, x, weight, labels, vocab_start, tp_group, want_predictions):
+    def __init__(self, x, weight, labels, vocab_start, tp_group, want_predictions: bool):
         shifted = (x @ weight.t()).float()  # [c, V/tp]
         if want_predictions:
             local_max, local_ids = shifted.max(dim=-1)

@@ -32,7 +32,7 @@ class OutputHead(NamedTuple):
 
 
 class DepthLoss(NamedTuple):
-    loss_sum: torch.Tensor  # scalar, masked CE sum, differentiable
+    loss_sum: torch.Tensor  # scalar, masked CE sum, differentiable; its value may be NaN unless stats were wanted
     predictions: Optional[torch.Tensor]  # [b, s] greedy ids (global vocabulary), when requested
 
 
@@ -41,25 +41,25 @@ def plain_depth_loss(
     head: OutputHead,
     labels: torch.Tensor,
     loss_mask: torch.Tensor,
-    want_predictions: bool,
+    want_stats: bool,
 ) -> DepthLoss:
     """One depth's loss with its full logits materialised (the reference implementation).
 
     Args:
         hidden_states: h_k, [s, b, h] ([s/tp, b, h] under SP; the output layer gathers).
         labels, loss_mask: already rolled for this depth, [b, s].
-        want_predictions: also return the greedy ids, for the acceptance metrics.
+        want_stats: also return the greedy ids, for the acceptance metrics.
     """
     logits, _ = head.output_layer(hidden_states, weight=head.weight)  # [s, b, V/tp]
     token_loss = head.cross_entropy(labels, logits)  # [b, s]
     loss_sum = (token_loss * loss_mask).sum()
-    predictions = vocab_parallel_argmax(logits.detach(), head.tp_group).t() if want_predictions else None
+    predictions = vocab_parallel_argmax(logits.detach(), head.tp_group).t() if want_stats else None
     return DepthLoss(loss_sum, predictions)
 
 
 class MTPLossResult(NamedTuple):
-    term: torch.Tensor  # scalar: lambda * weighted MTP loss, differentiable
-    stats: torch.Tensor  # [D, 6] detached, metrics.STAT_FIELDS order; agreement with main still 0
+    term: torch.Tensor  # scalar: lambda * weighted MTP loss, differentiable (its value: see want_stats)
+    stats: Optional[torch.Tensor]  # [D, 6] detached, metrics.STAT_FIELDS order; agreement with main still 0
     predictions: Optional[List[torch.Tensor]]  # per depth [b, s] greedy ids, aligned with the depth's labels
 
 
@@ -73,7 +73,7 @@ def mtp_loss(
     per_token_loss: bool,
     depth_loss: Callable[..., DepthLoss] = plain_depth_loss,
     latent_targets: Optional[LatentTargets] = None,
-    want_predictions: bool = False,
+    want_stats: bool = False,
 ) -> MTPLossResult:
     """
     Args:
@@ -83,8 +83,11 @@ def mtp_loss(
         depth_loss: ``plain_depth_loss`` or ``chunked.chunked_depth_loss`` (same results, less memory).
         latent_targets: adds the latent semantic enhancement terms (see ``loss/latent.py``), weighted by
             their own factors: ``sum_k w_k (lambda L_k + alpha LC_k + beta SA_k) / sum_k w_k``.
-        want_predictions: count top-1 hits against the labels and return each depth's greedy ids, so
-            ``metrics.count_main_agreement`` can compare them with the main model's afterwards.
+        want_stats: return the per-depth counts (loss sums, tokens, top-1 hits against the labels) and each
+            depth's greedy ids, so ``metrics.count_main_agreement`` can compare them with the main model's
+            afterwards. Without it ``stats`` and ``predictions`` are None, and a depth loss may leave its value
+            to backward (the chunked loss does when it recomputes the logits there anyway): ``term`` then reads
+            NaN while its gradient is exact. Training only needs the gradient; metrics steps ask for stats.
     """
     loss_mask = loss_mask.float()
     main_tokens = loss_mask.sum().clamp(min=1.0)
@@ -94,7 +97,7 @@ def mtp_loss(
     for depth, (hidden_states, weight) in enumerate(zip(depth_hidden_states, depth_weights), start=1):
         mask_k = roll_left(loss_mask, depth)
         labels_k = roll_left(labels, depth)
-        result = depth_loss(hidden_states, head, labels_k, mask_k, want_predictions)
+        result = depth_loss(hidden_states, head, labels_k, mask_k, want_stats)
         tokens = mask_k.sum().clamp(min=1.0)
         if per_token_loss:
             tokens = tokens / main_tokens if PER_TOKEN_LOSS_RESCALES_DEPTHS else 1.0
@@ -109,19 +112,21 @@ def mtp_loss(
             )
             latent = torch.stack((sums.consistency.detach(), sums.anchoring.detach()))
         term = term + weight * depth_term / tokens
-        all_stats.append(_depth_stats(result, labels_k, mask_k, latent))
-        if want_predictions:
+        if want_stats:
+            all_stats.append(_depth_stats(result, labels_k, mask_k, latent))
             all_predictions.append(result.predictions)
     term = term / sum(depth_weights)
-    return MTPLossResult(term, torch.stack(all_stats), all_predictions if want_predictions else None)
+    if not want_stats:
+        return MTPLossResult(term, None, None)
+    return MTPLossResult(term, torch.stack(all_stats), all_predictions)
 
 
 @torch.no_grad()
 def _depth_stats(result: DepthLoss, labels, loss_mask, latent) -> torch.Tensor:
-    """[6] in metrics.STAT_FIELDS order; top-1 hits only when predictions were made, main agreement later."""
+    """[6] in metrics.STAT_FIELDS order; main agreement filled in later."""
     valid = loss_mask > 0
     zero = torch.zeros((), device=labels.device)
-    hits = zero if result.predictions is None else ((result.predictions == labels) & valid).sum().float()
+    hits = ((result.predictions == labels) & valid).sum().float()
     return torch.stack((result.loss_sum.detach().float(), valid.sum().float(), hits, zero, latent[0], latent[1]))
 
 

@@ -63,7 +63,7 @@ def test_weighted_depth_losses_match_hand_computation(weights):
 def test_acceptance_counts_compare_top1_with_labels_and_main_predictions():
     head, hidden, labels, mask = _case()
     main_predictions = torch.randint(0, VOCAB, (BATCH, SEQ))
-    result = mtp_loss(hidden, head, labels, mask, (1.0, 1.0), 0.1, per_token_loss=False, want_predictions=True)
+    result = mtp_loss(hidden, head, labels, mask, (1.0, 1.0), 0.1, per_token_loss=False, want_stats=True)
     stats = count_main_agreement(result.stats, result.predictions, main_predictions, mask)
     for depth, states in enumerate(hidden, start=1):
         top1 = (states @ head.output_layer.weight.t()).argmax(-1).t()  # [b, s]

@@ -96,27 +96,34 @@ def _inputs(tokens: int, vocab: int, hidden: int):
     return hidden_states, labels, mask
 
 
-def _probed_gradients(head, tokens: int, grad_in_forward=None):
+def _probed_gradients(head, tokens: int, grad_in_forward=None, want_stats=True):
     """d(3 * loss)/d(hidden_states, weight) from the chunked loss (2-token chunks) and from torch's cross-entropy
-    on full logits, and the largest storage the chunked loss created in forward and in backward."""
+    on full logits, and the largest storage the chunked loss created in forward and in backward. The loss value
+    is checked too, or, without stats when the logits are recomputed, that forward left it to backward (NaN)."""
     hidden_states, labels, mask = _inputs(tokens, *head.weight.shape)
     inputs = (hidden_states, head.weight)
     with _LargestNewStorage() as forward:
-        result = chunked_depth_loss(hidden_states, OutputHead(head, None, None), labels, mask, False, 2, grad_in_forward)
+        result = chunked_depth_loss(
+            hidden_states, OutputHead(head, None, None), labels, mask, want_stats, 2, grad_in_forward
+        )
     with _LargestNewStorage() as backward:
         grads = torch.autograd.grad(result.loss_sum * 3.0, inputs)
     logits = hidden_states[:, 0] @ head.weight.t()
     expected_loss = (F.cross_entropy(logits, labels[0], reduction="none") * mask[0]).sum()
-    torch.testing.assert_close(result.loss_sum, expected_loss)
+    if want_stats or grad_in_forward:
+        torch.testing.assert_close(result.loss_sum, expected_loss)
+    else:
+        assert result.loss_sum.isnan()
     expected = torch.autograd.grad(expected_loss * 3.0, inputs)
     return grads, expected, forward.largest, backward.largest
 
 
+@pytest.mark.parametrize("want_stats", [True, False], ids=["metrics", "no-metrics"])
 @pytest.mark.parametrize("grad_in_forward", [None, False, True], ids=["automatic", "recompute", "kept"])
-def test_chunked_loss_adds_the_weight_gradient_into_main_grad(gloo_world, grad_in_forward):
+def test_chunked_loss_adds_the_weight_gradient_into_main_grad(gloo_world, grad_in_forward, want_stats):
     head = _FusedHead(vocab=64, hidden=8, fusion=True, main_grad=True)
     head.weight.main_grad += 1.0  # what earlier micro-batches left there
-    grads, expected, forward_bytes, backward_bytes = _probed_gradients(head, 24, grad_in_forward)
+    grads, expected, forward_bytes, backward_bytes = _probed_gradients(head, 24, grad_in_forward, want_stats)
     torch.testing.assert_close(grads[0], expected[0])
     torch.testing.assert_close(head.weight.main_grad, expected[1] + 1.0)
     assert head.weight.grad_added_to_main_grad
