@@ -1,0 +1,67 @@
+"""One checkpoint naming whichever spec built the model: TransformerEngine's.
+
+TransformerEngine fuses some norms into the linear layer after them, so a TE-built layer holds
+``mlp.linear_fc1.layer_norm_weight`` where a local-spec layer holds ``pre_mlp_layernorm.weight``. Megatron-Core's
+local GPT spec saves its norms under the fused names through TransformerLayer's ``sharded_state_dict_keys_map``
+(a prefix map applied to the layer's torch_dist keys); its local MLA spec has no map, and its local MoE spec maps
+``pre_mlp_layernorm`` although TE keeps that norm separate in MoE layers. :func:`with_te_checkpoint_names` gives a
+local layer spec the map that makes its keys TE's, following what TE's spec fuses:
+
+- ``input_layernorm``: its own module with MLA; else fused into ``self_attention.linear_qkv``.
+- MLA's ``q_layernorm`` / ``kv_layernorm``: fused into ``linear_q_up_proj`` / ``linear_kv_up_proj``.
+- ``pre_mlp_layernorm``: fused into ``mlp.linear_fc1`` in dense layers; its own module in MoE layers.
+
+Every other tensor has one name in both specs.
+"""
+
+import dataclasses
+import functools
+import inspect
+from typing import Dict
+
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+_MLA_NORMS = {
+    "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+    "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
+}
+_FUSED_INPUT_NORM = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+_FUSED_PRE_MLP_NORM = {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
+def _te_keys_map(layer_spec: ModuleSpec) -> Dict[str, str]:
+    """The ``sharded_state_dict_keys_map`` giving a local-spec TransformerLayer TE's checkpoint names."""
+    submodules = layer_spec.submodules
+    keys = {}
+    if issubclass(_module_class(submodules.self_attention), MLASelfAttention):
+        keys.update(_MLA_NORMS)
+    else:
+        keys.update(_FUSED_INPUT_NORM)
+    if not issubclass(_module_class(submodules.mlp), MoELayer):
+        keys.update(_FUSED_PRE_MLP_NORM)
+    return keys
+
+
+def with_te_checkpoint_names(layer_spec: ModuleSpec) -> ModuleSpec:
+    """``layer_spec`` (a local-spec TransformerLayer) whose checkpoint keys are those of TE's spec."""
+    if not issubclass(_module_class(layer_spec), TransformerLayer):
+        raise TypeError(f"expected a TransformerLayer spec, got one building {_module_class(layer_spec)}")
+    submodules = dataclasses.replace(layer_spec.submodules, sharded_state_dict_keys_map=_te_keys_map(layer_spec))
+    return dataclasses.replace(layer_spec, submodules=submodules)
+
+
+def _module_class(spec) -> type:
+    """The class a spec builds: a ModuleSpec's module, or (Megatron-Core 0.19) the class behind a
+    ``functools.partial`` of it or of a classmethod such as ``MLP.as_mlp_submodule``."""
+    if isinstance(spec, ModuleSpec):
+        spec = spec.module
+    if isinstance(spec, functools.partial):
+        spec = spec.func
+    if inspect.ismethod(spec) and isinstance(spec.__self__, type):
+        spec = spec.__self__
+    if not isinstance(spec, type):
+        raise TypeError(f"cannot tell which module the spec {spec!r} builds")
+    return spec

@@ -1,0 +1,71 @@
+"""Checkpoints carry TransformerEngine's tensor names whichever spec built the DeepSeek-V3 model.
+
+The reference is Megatron-Core's TE spec itself (built here with CPU stand-ins for the TE modules, see
+``te_stand_ins.py``): the local-spec model must write exactly the tensors, under the same keys, global shapes and
+offsets, that the TE-spec model writes.
+"""
+
+import pytest
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+from deepseek.te_stand_ins import te_placeholders, te_stand_ins
+from deepseek.tiny_config import tiny_config
+from megatron_mtp.deepseek.model import build_model
+
+CONFIGS = {
+    "q_lora": tiny_config(),
+    "no_q_lora_tied": {**tiny_config(tie_word_embeddings=True), "q_lora_rank": None},
+}
+
+
+def build(config: dict, use_transformer_engine: bool):
+    return build_model(
+        config,
+        use_transformer_engine=use_transformer_engine,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def checkpoint_layout(model):
+    """(key, global shape, global offset) of every tensor chunk the model saves, and its object keys."""
+    state = model.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group({}))
+    apply_factories(state)
+    values = list(nested_values(state))
+    tensors = {
+        (v.key, tuple(v.global_shape), tuple(v.global_offset)) for v in values if isinstance(v, ShardedTensor)
+    }
+    objects = {v.key for v in values if isinstance(v, ShardedObject)}
+    return tensors, objects
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_local_spec_saves_the_tensors_of_the_transformer_engine_spec(single_process, monkeypatch, name):
+    config = CONFIGS[name]
+    local = build(config, use_transformer_engine=False)
+    local_tensors, local_objects = checkpoint_layout(local)
+    te_stand_ins(monkeypatch)
+    te = build(config, use_transformer_engine=True)
+    assert not te_placeholders(te)
+    te_tensors, te_objects = checkpoint_layout(te)
+
+    assert local_tensors == te_tensors
+    # The two models differ where TE fuses norms into linear layers, dense and MoE layers and the MTP layer alike.
+    te_keys = {key for key, _, _ in te_tensors}
+    local_modules = dict(local.named_parameters())
+    fused = {
+        "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": "decoder.layers.0.pre_mlp_layernorm.weight",
+        "decoder.layers.1.self_attention.linear_kv_up_proj.layer_norm_weight": (
+            "decoder.layers.1.self_attention.kv_layernorm.weight"
+        ),
+        "mtp.layers.0.transformer_layer.self_attention.linear_kv_up_proj.layer_norm_weight": (
+            "mtp.layers.0.transformer_layer.self_attention.kv_layernorm.weight"
+        ),
+    }
+    for te_key, local_name in fused.items():
+        assert te_key in te_keys and local_name in local_modules
+    assert "decoder.layers.1.pre_mlp_layernorm.weight" in te_keys  # MoE layers keep their own norm under TE
+    # Only TE's extra state (FP8 metadata) differs, which loading tolerates.
+    assert all(key.endswith("._extra_state") for key in te_objects ^ local_objects)
