@@ -11,13 +11,16 @@ local layer spec the map that makes its keys TE's, following what TE's spec fuse
 - MLA's ``q_layernorm`` / ``kv_layernorm``: fused into ``linear_q_up_proj`` / ``linear_kv_up_proj``.
 - ``pre_mlp_layernorm``: fused into ``mlp.linear_fc1`` in dense layers; its own module in MoE layers.
 
-Every other tensor has one name in both specs.
+Every other tensor has one name in both specs. :func:`te_state_dict_names` gives the TE-spec model's state-dict
+names for a model's own names; :mod:`megatron_mtp.deepseek.mapping` maps those to Hugging Face names.
 """
 
 import dataclasses
 import functools
 import inspect
-from typing import Dict
+from typing import Dict, Iterable
+
+import torch
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
@@ -51,6 +54,27 @@ def with_te_checkpoint_names(layer_spec: ModuleSpec) -> ModuleSpec:
         raise TypeError(f"expected a TransformerLayer spec, got one building {_module_class(layer_spec)}")
     submodules = dataclasses.replace(layer_spec.submodules, sharded_state_dict_keys_map=_te_keys_map(layer_spec))
     return dataclasses.replace(layer_spec, submodules=submodules)
+
+
+def te_state_dict_names(model: torch.nn.Module, names: Iterable[str]) -> Dict[str, str]:
+    """State-dict name in ``model`` -> the name of the same tensor in the model built with TE's spec, which is
+    what each TransformerLayer's ``sharded_state_dict_keys_map`` makes of it (the first matching prefix, as
+    Megatron-Core applies the map to checkpoint keys). Names outside such maps are unchanged."""
+    keys_maps = {
+        f"{module_name}.": module.submodules_config.sharded_state_dict_keys_map
+        for module_name, module in model.named_modules()
+        if isinstance(module, TransformerLayer)
+    }
+
+    def rename(name: str) -> str:
+        for end in (i + 1 for i, char in enumerate(name) if char == "."):
+            layer, rest = name[:end], name[end:]
+            for old, new in keys_maps.get(layer, {}).items():
+                if rest.startswith(old):
+                    return layer + new + rest[len(old) :]
+        return name
+
+    return {name: rename(name) for name in names}
 
 
 def _module_class(spec) -> type:

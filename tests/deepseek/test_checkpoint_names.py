@@ -1,18 +1,23 @@
 """Checkpoints carry TransformerEngine's tensor names whichever spec built the DeepSeek-V3 model.
 
 The reference is Megatron-Core's TE spec itself (built here with CPU stand-ins for the TE modules, see
-``te_stand_ins.py``): the local-spec model must write exactly the tensors, under the same keys, global shapes and
-offsets, that the TE-spec model writes.
+``te_stand_ins.py``): the local-spec model and the HF importer must write exactly the tensors, under the same keys,
+global shapes and offsets, that the TE-spec model writes.
 """
 
 import pytest
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from deepseek.te_stand_ins import te_placeholders, te_stand_ins
+from deepseek.tiny_checkpoint import write_tiny_checkpoint
 from deepseek.tiny_config import tiny_config
+from megatron_mtp.deepseek.convert import check_mapping_covers_model, import_hf_checkpoint, te_named_sharded_state_dict
+from megatron_mtp.deepseek.mapping import tensor_mappings
 from megatron_mtp.deepseek.model import build_model
+from megatron_mtp.training.checkpointing import iteration_dir
 
 CONFIGS = {
     "q_lora": tiny_config(),
@@ -69,3 +74,24 @@ def test_local_spec_saves_the_tensors_of_the_transformer_engine_spec(single_proc
     assert "decoder.layers.1.pre_mlp_layernorm.weight" in te_keys  # MoE layers keep their own norm under TE
     # Only TE's extra state (FP8 metadata) differs, which loading tolerates.
     assert all(key.endswith("._extra_state") for key in te_objects ^ local_objects)
+
+
+@pytest.mark.parametrize("use_transformer_engine", [False, True], ids=["local", "te"])
+def test_conversion_mapping_covers_the_model_of_either_spec(single_process, monkeypatch, use_transformer_engine):
+    if use_transformer_engine:
+        te_stand_ins(monkeypatch)
+    for config in CONFIGS.values():
+        model = build(config, use_transformer_engine)
+        check_mapping_covers_model(tensor_mappings(config), te_named_sharded_state_dict(model))
+
+
+def test_import_writes_the_tensors_of_the_transformer_engine_spec(single_process, monkeypatch, tmp_path):
+    hf_dir, root = str(tmp_path / "hf"), str(tmp_path / "megatron")
+    config = write_tiny_checkpoint(hf_dir, tiny_config(), fp8=False)
+    import_hf_checkpoint(hf_dir, root)
+    written = dist_checkpointing.load_tensors_metadata(iteration_dir(root, 0))
+    te_stand_ins(monkeypatch)
+    te_tensors, _ = checkpoint_layout(build(config, use_transformer_engine=True))
+    assert {key: tuple(value.global_shape) for key, value in written.items()} == {
+        key: shape for key, shape, _ in te_tensors
+    }

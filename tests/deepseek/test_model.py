@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 
 from deepseek.tiny_config import tiny_config
 from megatron_mtp import cpu_bridge
+from megatron_mtp.checkpoint_names import te_state_dict_names
 from megatron_mtp.deepseek.hf_config import megatron_configs
 from megatron_mtp.deepseek.load import load_hf_state_dict
 from megatron_mtp.deepseek.mapping import (
@@ -292,7 +293,8 @@ def test_every_mapping_round_trips_bit_exactly(reference):
 def test_mapping_names_every_megatron_tensor_once(single_process):
     for config in (tiny_config(), {**tiny_config(tie_word_embeddings=True), "q_lora_rank": None}):
         model = build_model(config, use_cpu_initialization=True, gradient_accumulation_fusion=False)
-        expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
+        own_names = [k for k in model.state_dict() if not k.endswith("_extra_state")]
+        expected = set(te_state_dict_names(model, own_names).values())
         names = [m.megatron_key for m in tensor_mappings(config)]
         assert len(names) == len(set(names))
         assert set(names) == expected
@@ -301,7 +303,7 @@ def test_mapping_names_every_megatron_tensor_once(single_process):
 
 
 def test_transformer_engine_names_fuse_norms_into_linears():
-    names = {m.megatron_key: m.hf_keys[0] for m in tensor_mappings(tiny_config(), transformer_engine=True)}
+    names = {m.megatron_key: m.hf_keys[0] for m in tensor_mappings(tiny_config())}
     assert names["decoder.layers.1.self_attention.linear_q_up_proj.layer_norm_weight"].endswith("q_a_layernorm.weight")
     assert names["decoder.layers.0.mlp.linear_fc1.layer_norm_weight"].endswith("post_attention_layernorm.weight")
     assert names["decoder.layers.1.pre_mlp_layernorm.weight"].endswith("post_attention_layernorm.weight")
