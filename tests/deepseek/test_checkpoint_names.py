@@ -5,7 +5,10 @@ The reference is Megatron-Core's TE spec itself (built here with CPU stand-ins f
 global shapes and offsets, that the TE-spec model writes.
 """
 
+import os
+
 import pytest
+import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
@@ -17,7 +20,7 @@ from deepseek.tiny_config import tiny_config
 from megatron_mtp.deepseek.convert import check_mapping_covers_model, import_hf_checkpoint, te_named_sharded_state_dict
 from megatron_mtp.deepseek.mapping import tensor_mappings
 from megatron_mtp.deepseek.model import build_model
-from megatron_mtp.training.checkpointing import iteration_dir
+from megatron_mtp.training.checkpointing import TRACKER_FILE, iteration_dir, load_model_weights
 
 CONFIGS = {
     "q_lora": tiny_config(),
@@ -95,3 +98,37 @@ def test_import_writes_the_tensors_of_the_transformer_engine_spec(single_process
     assert {key: tuple(value.global_shape) for key, value in written.items()} == {
         key: shape for key, shape, _ in te_tensors
     }
+
+
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        return model.eval()(tokens, positions, None, runtime_gather_output=True)
+
+
+def test_checkpoints_move_between_the_local_and_the_te_spec(single_process, monkeypatch, tmp_path):
+    """Import on a host without TE, fine-tune with TE (the TE model has extra state the import lacks); a checkpoint
+    the TE model saves loads into the local model."""
+    hf_dir, imported, saved_by_te = (str(tmp_path / name) for name in ("hf", "imported", "saved_by_te"))
+    config = write_tiny_checkpoint(hf_dir, tiny_config(), fp8=False)
+    import_hf_checkpoint(hf_dir, imported)
+    tokens = torch.randint(0, config["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+    local = build(config, use_transformer_engine=False)
+    load_model_weights(imported, local)
+    expected = logits(local, tokens)
+
+    te_stand_ins(monkeypatch)
+    te = build(config, use_transformer_engine=True)
+    assert any(key.endswith("core_attention._extra_state") for key in te.state_dict())
+    load_model_weights(imported, te)
+    assert torch.equal(logits(te, tokens), expected)
+
+    os.makedirs(iteration_dir(saved_by_te, 0))
+    dist_checkpointing.save(
+        {"model": te.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group({}))}, iteration_dir(saved_by_te, 0)
+    )
+    with open(os.path.join(saved_by_te, TRACKER_FILE), "w") as f:
+        f.write("0")
+    local_again = build(config, use_transformer_engine=False)
+    load_model_weights(saved_by_te, local_again)
+    assert torch.equal(logits(local_again, tokens), expected)
