@@ -12,7 +12,9 @@ local layer spec the map that makes its keys TE's, following what TE's spec fuse
 - ``pre_mlp_layernorm``: fused into ``mlp.linear_fc1`` in dense layers; its own module in MoE layers.
 
 Every other tensor has one name in both specs. :func:`te_state_dict_names` gives the TE-spec model's state-dict
-names for a model's own names; :mod:`megatron_mtp.deepseek.mapping` maps those to Hugging Face names.
+names for a model's own names; :mod:`megatron_mtp.deepseek.mapping` maps those to Hugging Face names. A checkpoint
+that an earlier version wrote with local MLA names is recognised and refused, saying what to do
+(:func:`absent_tensors_error`).
 """
 
 import dataclasses
@@ -75,6 +77,34 @@ def te_state_dict_names(model: torch.nn.Module, names: Iterable[str]) -> Dict[st
         return name
 
     return {name: rename(name) for name in names}
+
+
+def absent_tensors_error(where: str, absent: Iterable[str], checkpoint_keys: Iterable[str]) -> Exception:
+    """The error for model tensors ``absent`` from a checkpoint (``where`` names it) that holds
+    ``checkpoint_keys``; it says so when the checkpoint has them under the local-spec MLA names megatron_mtp wrote
+    before every checkpoint took TransformerEngine's names."""
+    absent = sorted(absent)
+    legacy = _legacy_names(absent, set(checkpoint_keys))
+    if legacy:
+        examples = ", ".join(f"{new} (saved as {old})" for new, old in list(legacy.items())[:3])
+        return ValueError(
+            f"{where} names {len(legacy)} tensors as megatron_mtp did before its checkpoints took "
+            f"TransformerEngine's names, e.g. {examples}. Import the Hugging Face checkpoint again with this "
+            "version; a checkpoint the pretrain script saved can be exported to Hugging Face "
+            "(export_hf_checkpoint) with the version that saved it, then imported again (optimizer state is lost)."
+        )
+    return KeyError(f"{where} lacks {len(absent)} tensors of the model, e.g. {absent[:5]}")
+
+
+def _legacy_names(absent: Iterable[str], checkpoint_keys: set) -> Dict[str, str]:
+    """TE name -> the local name it had before, for the absent names the checkpoint holds that way."""
+    fused = {new: old for old, new in {**_MLA_NORMS, **_FUSED_PRE_MLP_NORM}.items()}
+    legacy = {}
+    for name in absent:
+        for new, old in fused.items():
+            if f".{new}" in name and name.replace(f".{new}", f".{old}", 1) in checkpoint_keys:
+                legacy[name] = name.replace(f".{new}", f".{old}", 1)
+    return legacy
 
 
 def _module_class(spec) -> type:

@@ -30,7 +30,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from megatron_mtp import cpu_bridge
-from megatron_mtp.checkpoint_names import te_state_dict_names
+from megatron_mtp.checkpoint_names import absent_tensors_error, te_state_dict_names
 from megatron_mtp.deepseek.hf_checkpoint import CheckpointError, HFCheckpointReader, mtp_layer_names
 from megatron_mtp.deepseek.hf_config import load_hf_config
 from megatron_mtp.deepseek.mapping import TensorMapping, mtp_shared_copies, tensor_mappings
@@ -134,6 +134,7 @@ def export_hf_checkpoint(
     with _single_process_world():
         model_state = _meta_sharded_state_dict(config)
         check_mapping_covers_model(mappings, model_state)
+        _check_checkpoint_holds(mappings, model_state, directory)
         plan = _export_plan(mappings, model_state, copies_of)
         with StreamingSafetensorsWriter(output_dir, plan, max_shard_bytes) as hf_writer:
             for group in _progress(
@@ -205,6 +206,13 @@ def check_mapping_covers_model(mappings: List[TensorMapping], model_state: Dict)
             "the HF mapping and the model disagree: unmapped model tensors "
             f"{sorted(tensors - mapped)[:5]}, mapped tensors absent from the model {sorted(mapped - tensors)[:5]}"
         )
+
+
+def _check_checkpoint_holds(mappings: List[TensorMapping], model_state: Dict, directory: str) -> None:
+    stored = dist_checkpointing.load_tensors_metadata(directory)
+    absent = {model_state[m.megatron_key].key for m in mappings} - set(stored)
+    if absent:
+        raise absent_tensors_error(directory, absent, stored)
 
 
 # -- sharded state dict helpers ---------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
+from megatron_mtp.checkpoint_names import absent_tensors_error
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 EXTRA_STATE = "_extra_state"
 
@@ -137,7 +139,8 @@ def _load(request: Dict[str, Any], directory: str, root: str) -> Dict[str, Any]:
     loaded, _, absent = dist_checkpointing.load(request, directory, strict=StrictHandling.RETURN_UNEXPECTED)
     absent = [key for key in absent if not key.endswith(EXTRA_STATE)]
     if absent:
-        raise KeyError(f"--load {root}: {directory} lacks {len(absent)} entries of the model, e.g. {sorted(absent)[:5]}")
+        checkpoint_keys = dist_checkpointing.load_tensors_metadata(directory)
+        raise absent_tensors_error(f"--load {root}: {directory}", absent, checkpoint_keys)
     return loaded
 
 

@@ -79,7 +79,8 @@ def te_stand_ins(monkeypatch) -> None:
         monkeypatch.setattr(transformer_engine_spec_provider, name, stand_in, raising=False)
     monkeypatch.setattr(transformer_engine_spec_provider, "is_te_min_version", lambda *args, **kwargs: True)
     # gpt_layer_specs imports these only when TE is importable.
-    monkeypatch.setattr(gpt_layer_specs, "TESpecProvider", transformer_engine_spec_provider.TESpecProvider, raising=False)
+    provider = transformer_engine_spec_provider.TESpecProvider
+    monkeypatch.setattr(gpt_layer_specs, "TESpecProvider", provider, raising=False)
     monkeypatch.setattr(gpt_layer_specs, "TENorm", WrappedTorchNorm, raising=False)
 
 

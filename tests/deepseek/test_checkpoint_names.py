@@ -17,7 +17,13 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from deepseek.te_stand_ins import te_placeholders, te_stand_ins
 from deepseek.tiny_checkpoint import write_tiny_checkpoint
 from deepseek.tiny_config import tiny_config
-from megatron_mtp.deepseek.convert import check_mapping_covers_model, import_hf_checkpoint, te_named_sharded_state_dict
+from megatron_mtp.deepseek import model as deepseek_model
+from megatron_mtp.deepseek.convert import (
+    check_mapping_covers_model,
+    export_hf_checkpoint,
+    import_hf_checkpoint,
+    te_named_sharded_state_dict,
+)
 from megatron_mtp.deepseek.mapping import tensor_mappings
 from megatron_mtp.deepseek.model import build_model
 from megatron_mtp.training.checkpointing import TRACKER_FILE, iteration_dir, load_model_weights
@@ -106,6 +112,15 @@ def logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model.eval()(tokens, positions, None, runtime_gather_output=True)
 
 
+def save_model_weights(model, root: str) -> None:
+    """A model-only checkpoint ``root/iter_0000000``, as :func:`load_model_weights` reads it."""
+    os.makedirs(iteration_dir(root, 0))
+    state = {"model": model.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group({}))}
+    dist_checkpointing.save(state, iteration_dir(root, 0))
+    with open(os.path.join(root, TRACKER_FILE), "w") as f:
+        f.write("0")
+
+
 def test_checkpoints_move_between_the_local_and_the_te_spec(single_process, monkeypatch, tmp_path):
     """Import on a host without TE, fine-tune with TE (the TE model has extra state the import lacks); a checkpoint
     the TE model saves loads into the local model."""
@@ -123,12 +138,23 @@ def test_checkpoints_move_between_the_local_and_the_te_spec(single_process, monk
     load_model_weights(imported, te)
     assert torch.equal(logits(te, tokens), expected)
 
-    os.makedirs(iteration_dir(saved_by_te, 0))
-    dist_checkpointing.save(
-        {"model": te.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group({}))}, iteration_dir(saved_by_te, 0)
-    )
-    with open(os.path.join(saved_by_te, TRACKER_FILE), "w") as f:
-        f.write("0")
+    save_model_weights(te, saved_by_te)
     local_again = build(config, use_transformer_engine=False)
     load_model_weights(saved_by_te, local_again)
     assert torch.equal(logits(local_again, tokens), expected)
+
+
+def test_a_checkpoint_with_the_earlier_local_names_is_refused_saying_what_to_do(single_process, monkeypatch, tmp_path):
+    root, out = str(tmp_path / "legacy"), str(tmp_path / "hf")
+    config = tiny_config()
+    with monkeypatch.context() as before:  # the local spec as it was: no keys map
+        before.setattr(deepseek_model, "with_te_checkpoint_names", lambda layer_spec: layer_spec)
+        save_model_weights(build(config, use_transformer_engine=False), root)
+    assert "decoder.layers.0.pre_mlp_layernorm.weight" in dist_checkpointing.load_tensors_metadata(iteration_dir(root, 0))
+
+    # q_ and kv_layernorm of 3 decoder layers and the MTP layer, the dense layer's pre_mlp_layernorm
+    message = r"names 9 tensors as megatron_mtp did before .*saved as decoder\.layers\.0\.pre_mlp_layernorm\.weight"
+    with pytest.raises(ValueError, match=message):
+        load_model_weights(root, build(config, use_transformer_engine=False))
+    with pytest.raises(ValueError, match=message):
+        export_hf_checkpoint(root, out, hf_config=config)
