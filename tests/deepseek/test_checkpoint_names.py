@@ -85,13 +85,13 @@ def test_local_spec_saves_the_tensors_of_the_transformer_engine_spec(single_proc
     assert all(key.endswith("._extra_state") for key in te_objects ^ local_objects)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("use_transformer_engine", [False, True], ids=["local", "te"])
-def test_conversion_mapping_covers_the_model_of_either_spec(single_process, monkeypatch, use_transformer_engine):
+def test_conversion_mapping_covers_the_model_of_either_spec(single_process, monkeypatch, use_transformer_engine, name):
     if use_transformer_engine:
         te_stand_ins(monkeypatch)
-    for config in CONFIGS.values():
-        model = build(config, use_transformer_engine)
-        check_mapping_covers_model(tensor_mappings(config), te_named_sharded_state_dict(model))
+    model = build(CONFIGS[name], use_transformer_engine)
+    check_mapping_covers_model(tensor_mappings(CONFIGS[name]), te_named_sharded_state_dict(model))
 
 
 def test_import_writes_the_tensors_of_the_transformer_engine_spec(single_process, monkeypatch, tmp_path):
