@@ -147,7 +147,8 @@ def test_checkpoint_with_earlier_local_names_is_refused_saying_what_to_do(single
     with monkeypatch.context() as before:  # the local spec as this project built it before: no keys map
         before.setattr(deepseek_model, "with_te_checkpoint_names", lambda layer_spec: layer_spec)
         save_model_weights(build(config, use_transformer_engine=False), root)
-    assert "decoder.layers.0.pre_mlp_layernorm.weight" in dist_checkpointing.load_tensors_metadata(iteration_dir(root, 0))
+    saved = dist_checkpointing.load_tensors_metadata(iteration_dir(root, 0))
+    assert "decoder.layers.0.pre_mlp_layernorm.weight" in saved
 
     # q_ and kv_layernorm of 3 decoder layers and the MTP layer, the dense layer's pre_mlp_layernorm
     message = r"names 9 tensors as megatron_mtp did before .*saved as decoder\.layers\.0\.pre_mlp_layernorm\.weight"
