@@ -90,8 +90,9 @@ def absent_tensors_error(where: str, absent: Iterable[str], checkpoint_keys: Ite
         return ValueError(
             f"{where} names {len(legacy)} tensors as megatron_mtp did before its checkpoints took "
             f"TransformerEngine's names, e.g. {examples}. Import the Hugging Face checkpoint again with this "
-            "version; a checkpoint the pretrain script saved can be exported to Hugging Face "
-            "(export_hf_checkpoint) with the version that saved it, then imported again (optimizer state is lost)."
+            "version (tools/convert_deepseek_v3.py import); export a checkpoint the pretrain script saved with the "
+            "version that saved it (tools/convert_deepseek_v3.py export), then import it again (optimizer state "
+            "is lost)."
         )
     return KeyError(f"{where} lacks {len(absent)} tensors of the model, e.g. {absent[:5]}")
 
