@@ -15,6 +15,9 @@ No other module looks at Megatron-Core's version. What differs:
 - torch_dist's non-tensor ("common") state: 0.16 reads it only from ``common.pt``; 0.17+ keeps it inside the
   DCP files and no longer writes that file. ``save_torch_dist`` writes both, so every checkpoint loads in
   every supported release;
+- MLA without a query low-rank projection (``q_lora_rank: null``, DeepSeek-V2-Lite): 0.19 puts a query norm
+  before ``linear_q_proj`` whenever ``qk_layernorm`` is set (it fuses one into that projection, or refuses a
+  separate one as unused), and the checkpoint has no such norm; 0.16 builds the model as published;
 - the layout of Megatron-Core's MTP logging tracker, read by the tests that compare with its MTP;
 - the extra keyword arguments ``GPTModel`` passes to ``_postprocess`` (``padding_mask`` and output processors in
   0.18+): the model takes them by keyword and hands them on unchanged, so nothing here needs to know.
@@ -44,6 +47,9 @@ if not SUPPORTED_RANGE[0] <= MEGATRON_CORE_VERSION < SUPPORTED_RANGE[1]:
 _MTP_LAYER_FLAG = MEGATRON_CORE_VERSION >= Version("0.19.0")
 
 _COMMON_STATE_IN_DCP = MEGATRON_CORE_VERSION >= Version("0.17.0")
+
+MLA_WITHOUT_QUERY_LOW_RANK = MEGATRON_CORE_VERSION < Version("0.19.0")
+"""MLA with ``q_lora_rank=None`` and the q/kv norms can be built as DeepSeek publishes it (see above)."""
 
 PER_TOKEN_LOSS_RESCALES_DEPTHS = MEGATRON_CORE_VERSION >= Version("0.17.0")
 """Per-token loss mode: each depth's loss sum is scaled by ``main tokens / depth tokens`` (see above)."""

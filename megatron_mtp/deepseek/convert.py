@@ -5,8 +5,10 @@ Import reads the HF shards tensor by tensor (fp8 dequantized to bf16), maps them
 background while the next is read, so about twice that is resident) into
 ``ROOT/iter_0000000`` plus the tracker file, the layout :mod:`megatron_mtp.training.checkpointing` loads. Keys,
 global shapes and chunking come from the model's own ``sharded_state_dict`` at TP=PP=EP=1, built on the meta
-device (no memory): torch_dist stores global tensors, so the checkpoint loads at any TP/PP/EP. The common state
-holds the HF ``config.json`` (``hf_config``) so export needs nothing else.
+device (no memory): torch_dist stores global tensors, so the checkpoint loads at any TP/PP/EP. The model is built
+with the local spec, on any host: its checkpoint keys are TransformerEngine's (:mod:`megatron_mtp.checkpoint_names`),
+so the checkpoint loads with either spec. The common state holds the HF ``config.json`` (``hf_config``) so export
+needs nothing else.
 
 Export loads the checkpoint a group at a time and streams bf16 safetensors shards (the router's expert bias stays
 float32, as DeepSeek stores it) with an index, including the MTP layers' copies of ``embed_tokens`` and
@@ -28,6 +30,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from megatron_mtp import cpu_bridge
+from megatron_mtp.checkpoint_names import absent_tensors_error, te_state_dict_names
 from megatron_mtp.deepseek.hf_checkpoint import CheckpointError, HFCheckpointReader, mtp_layer_names
 from megatron_mtp.deepseek.hf_config import load_hf_config
 from megatron_mtp.deepseek.mapping import TensorMapping, mtp_shared_copies, tensor_mappings
@@ -71,7 +74,7 @@ def import_hf_checkpoint(
     shutil.rmtree(staging, ignore_errors=True)
     with _single_process_world():
         model_state = _meta_sharded_state_dict(config)
-        _check_mapping_covers_model(mappings, model_state)
+        check_mapping_covers_model(mappings, model_state)
         try:
             with StreamingDistCheckpointWriter(staging) as writer:
                 group, filled = {}, 0
@@ -130,7 +133,8 @@ def export_hf_checkpoint(
         copies_of.setdefault(main_name, []).append(copy_name)
     with _single_process_world():
         model_state = _meta_sharded_state_dict(config)
-        _check_mapping_covers_model(mappings, model_state)
+        check_mapping_covers_model(mappings, model_state)
+        _check_checkpoint_holds(mappings, model_state, directory)
         plan = _export_plan(mappings, model_state, copies_of)
         with StreamingSafetensorsWriter(output_dir, plan, max_shard_bytes) as hf_writer:
             for group in _progress(
@@ -192,7 +196,9 @@ def _check_mtp_copies(reader: HFCheckpointReader) -> Dict[str, float]:
     return differences
 
 
-def _check_mapping_covers_model(mappings: List[TensorMapping], model_state: Dict) -> None:
+def check_mapping_covers_model(mappings: List[TensorMapping], model_state: Dict) -> None:
+    """Raise unless ``mappings`` name every tensor of ``model_state`` (from :func:`te_named_sharded_state_dict`)
+    and nothing else."""
     tensors = {key for key, value in model_state.items() if not isinstance(value, ShardedObject)}
     mapped = {m.megatron_key for m in mappings}
     if tensors != mapped:
@@ -202,20 +208,34 @@ def _check_mapping_covers_model(mappings: List[TensorMapping], model_state: Dict
         )
 
 
+def _check_checkpoint_holds(mappings: List[TensorMapping], model_state: Dict, directory: str) -> None:
+    stored = dist_checkpointing.load_tensors_metadata(directory)
+    absent = {model_state[m.megatron_key].key for m in mappings} - set(stored)
+    if absent:
+        raise absent_tensors_error(directory, absent, stored)
+
+
 # -- sharded state dict helpers ---------------------------------------------------------------------------------
 
 
 def _meta_sharded_state_dict(config: dict) -> Dict:
-    """The TP=PP=EP=1 model's flat sharded state dict, its tensors on the meta device (shapes only)."""
+    """The TP=PP=EP=1 local-spec model's :func:`te_named_sharded_state_dict`, on the meta device (shapes only)."""
     from megatron_mtp.deepseek.model import build_model
 
     with torch.device("meta"):
-        model = build_model(config, use_cpu_initialization=True)
+        model = build_model(config, use_transformer_engine=False, use_cpu_initialization=True)
+    return te_named_sharded_state_dict(model)
+
+
+def te_named_sharded_state_dict(model: torch.nn.Module) -> Dict:
+    """A TP=PP=EP=1 model's flat sharded state dict keyed by TE-spec state-dict names, the names
+    :mod:`megatron_mtp.deepseek.mapping` uses, whichever spec built ``model``."""
     state = model.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group({}))
     for key, value in state.items():
         if isinstance(value, ShardedObject) and torch.is_tensor(value.data):
             raise NotImplementedError(f"{key}: tensor-valued extra state cannot be converted")
-    return state
+    names = te_state_dict_names(model, state)
+    return {names[key]: value for key, value in state.items()}
 
 
 def _full_shape(target) -> torch.Size:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
+from megatron_mtp.compat import MEGATRON_CORE_VERSION, MLA_WITHOUT_QUERY_LOW_RANK
 from megatron_mtp.config import MTPConfig
 
 SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
@@ -114,6 +115,12 @@ def _architecture_fields(hf: Mapping) -> dict:
     _require(hf, "hidden_act", "silu", "silu", "experts and dense MLPs are SwiGLU")
     _require(hf, "attention_bias", False, False, "MLA projections have no bias here")
     _require(hf, "rope_interleave", True, True, "Megatron-Core's MLA rope reads DeepSeek's interleaved layout")
+    if hf.get("q_lora_rank") is None and not MLA_WITHOUT_QUERY_LOW_RANK:
+        raise NotImplementedError(
+            f"HF config q_lora_rank=null (no query low-rank projection, as in DeepSeek-V2-Lite) cannot be built "
+            f"faithfully with megatron-core {MEGATRON_CORE_VERSION}: its MLA adds a query norm that the checkpoint "
+            "does not have. Use megatron-core 0.16."
+        )
     heads = _get(hf, "num_attention_heads")
     kv_heads = hf.get("num_key_value_heads", heads)
     if kv_heads != heads:

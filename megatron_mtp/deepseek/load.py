@@ -4,7 +4,8 @@ Each rank takes its own slice of every full tensor: column- or row-parallel line
 ``partition_dim`` (SwiGLU ``linear_fc1`` split as [gate slice; up slice], the way Megatron shards it),
 the vocab-parallel embedding and output layer by vocabulary rows (zero rows pad a vocabulary Megatron
 padded), the experts of this EP rank (sliced by the expert-tensor-parallel group), the decoder layers of
-this pipeline stage. For tests and small models; :mod:`megatron_mtp.deepseek.mapping` names the tensors.
+this pipeline stage. For tests and small models; :mod:`megatron_mtp.deepseek.mapping` names the tensors (the
+names of the model built with TransformerEngine's spec, whichever spec built ``model``).
 """
 
 import re
@@ -14,6 +15,7 @@ import torch
 
 from megatron.core import parallel_state
 
+from megatron_mtp.checkpoint_names import te_state_dict_names
 from megatron_mtp.deepseek.mapping import hf_to_megatron
 
 _DECODER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -21,15 +23,13 @@ _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 _VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def load_hf_state_dict(
-    model: torch.nn.Module, hf_state: Mapping[str, torch.Tensor], hf_config, transformer_engine: bool = False
-) -> None:
+def load_hf_state_dict(model: torch.nn.Module, hf_state: Mapping[str, torch.Tensor], hf_config) -> None:
     """Copy ``hf_state`` (full, dequantized HF tensors) into this rank's part of ``model``."""
-    load_full_state_dict(model, hf_to_megatron(hf_state, hf_config, transformer_engine))
+    load_full_state_dict(model, hf_to_megatron(hf_state, hf_config))
 
 
 def load_full_state_dict(model: torch.nn.Module, full_state: Mapping[str, torch.Tensor]) -> None:
-    """Copy a full (TP=PP=EP=1 named) Megatron state dict into this rank's part of ``model``.
+    """Copy a full Megatron state dict (TE-spec names at TP=PP=EP=1) into this rank's part of ``model``.
     Every parameter and expert-bias buffer of the model must be in ``full_state``."""
     local = local_tensors(model)
     missing = sorted(set(local) - set(full_state))
@@ -42,12 +42,15 @@ def load_full_state_dict(model: torch.nn.Module, full_state: Mapping[str, torch.
 
 
 def local_tensors(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """This rank's parameters and expert biases, by their full-model names (global layer and expert indices)."""
+    """This rank's parameters and expert biases, by their full-model TE-spec names (global layer and expert
+    indices)."""
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     tensors = dict(model.named_parameters())
     tensors.update((name, buf) for name, buf in model.named_buffers() if name.endswith("router.expert_bias"))
+    te_names = te_state_dict_names(model, tensors)
     named = {}
     for name, tensor in tensors.items():
+        name = te_names[name]
         match = _DECODER_LAYER.match(name)
         if match:
             layer = model.decoder.layers[int(match.group(1))]

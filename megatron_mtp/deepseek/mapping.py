@@ -3,17 +3,17 @@
 HF names are the checkpoint's (safetensors) names, one tensor per expert projection
 (``model.layers.3.mlp.experts.7.gate_proj.weight``), not transformers' fused in-memory layout. Megatron names
 are full, unsharded ``model.state_dict()`` names of :func:`megatron_mtp.deepseek.model.build_model` at
-TP=PP=EP=1. Only the SwiGLU input projections change shape: ``linear_fc1 = cat([gate_proj, up_proj], dim=0)``;
-every other tensor is copied as is.
+TP=PP=EP=1 built with TransformerEngine's spec, whose norms before ``linear_q_up_proj``, ``linear_kv_up_proj`` and
+a dense layer's ``linear_fc1`` are fused into them (``linear_q_up_proj.layer_norm_weight`` for ``q_a_layernorm``):
+the names every checkpoint carries, whichever spec built the model. A local-spec model's own names translate to
+them with :func:`megatron_mtp.checkpoint_names.te_state_dict_names`. Only the SwiGLU input projections change
+shape: ``linear_fc1 = cat([gate_proj, up_proj], dim=0)``; every other tensor is copied as is.
 
 The MTP module ``model.layers.{N}`` (N = num_hidden_layers + i) maps to ``mtp.layers.{i}``: its decoder layer
-to ``transformer_layer``, ``shared_head.norm`` to ``final_layernorm``, ``enorm``/``hnorm``/``eh_proj`` by
+to ``transformer_layer`` (``mtp_model_layer`` in state dicts of Megatron-Core 0.17+, see ``compat``), ``shared_head.norm`` to ``final_layernorm``, ``enorm``/``hnorm``/``eh_proj`` by
 name (``eh_proj`` input columns: embedding first, then hidden state, in both). Its ``embed_tokens`` and
 ``shared_head.head`` are copies of the main embedding and output layer, which the Megatron MTP layer reuses:
 they map to nothing here and are listed by :func:`mtp_shared_copies`.
-
-With TransformerEngine specs some norms are fused into the following linear layer
-(``linear_q_up_proj.layer_norm_weight`` for ``q_a_layernorm`` etc.); pass ``transformer_engine=True``.
 """
 
 from dataclasses import dataclass
@@ -21,6 +21,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
+from megatron_mtp.compat import MTP_INNER_LAYER
 from megatron_mtp.deepseek.hf_config import load_hf_config, moe_layer_pattern
 
 COPY = "copy"
@@ -67,7 +68,7 @@ class TensorMapping:
         return list(torch.chunk(tensor, parts, dim=0))
 
 
-def tensor_mappings(hf_config, transformer_engine: bool = False) -> List[TensorMapping]:
+def tensor_mappings(hf_config) -> List[TensorMapping]:
     """Every Megatron parameter (and the router's ``expert_bias`` buffer): embedding, main layers, final norm,
     output layer (unless tied), then the MTP layers."""
     hf = load_hf_config(hf_config)
@@ -75,9 +76,7 @@ def tensor_mappings(hf_config, transformer_engine: bool = False) -> List[TensorM
     moe = moe_layer_pattern(hf)
     mappings = [TensorMapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",))]
     for layer in range(layers):
-        mappings += _decoder_layer(
-            hf, f"model.layers.{layer}.", f"decoder.layers.{layer}.", moe[layer], transformer_engine
-        )
+        mappings += _decoder_layer(hf, f"model.layers.{layer}.", f"decoder.layers.{layer}.", moe[layer])
     mappings.append(TensorMapping("decoder.final_layernorm.weight", ("model.norm.weight",)))
     if not hf.get("tie_word_embeddings", False):
         mappings.append(TensorMapping("output_layer.weight", ("lm_head.weight",)))
@@ -87,9 +86,7 @@ def tensor_mappings(hf_config, transformer_engine: bool = False) -> List[TensorM
             TensorMapping(mg_prefix + name, (hf_prefix + name,))
             for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight")
         ]
-        mappings += _decoder_layer(
-            hf, hf_prefix, mg_prefix + "transformer_layer.", moe[layers + depth], transformer_engine
-        )
+        mappings += _decoder_layer(hf, hf_prefix, f"{mg_prefix}{MTP_INNER_LAYER}.", moe[layers + depth])
         mappings.append(TensorMapping(mg_prefix + "final_layernorm.weight", (hf_prefix + "shared_head.norm.weight",)))
     return mappings
 
@@ -106,10 +103,10 @@ def mtp_shared_copies(hf_config) -> Dict[str, str]:
     return copies
 
 
-def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], hf_config, transformer_engine: bool = False) -> dict:
+def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], hf_config) -> dict:
     """Full Megatron state dict from a full HF one (dequantized). MTP shared copies are not read;
     a missing or unused HF tensor is an error."""
-    mappings = tensor_mappings(hf_config, transformer_engine)
+    mappings = tensor_mappings(hf_config)
     needed = {key for m in mappings for key in m.hf_keys}
     missing = sorted(needed - set(hf_state))
     if missing:
@@ -120,13 +117,11 @@ def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], hf_config, transformer_
     return {m.megatron_key: m.to_megatron([hf_state[k] for k in m.hf_keys]) for m in mappings}
 
 
-def megatron_to_hf(
-    megatron_state: Mapping[str, torch.Tensor], hf_config, transformer_engine: bool = False, mtp_copies: bool = True
-) -> dict:
+def megatron_to_hf(megatron_state: Mapping[str, torch.Tensor], hf_config, mtp_copies: bool = True) -> dict:
     """Full HF state dict from a full Megatron one; with ``mtp_copies`` the MTP layers' copies of the
     embedding and output layer are written too (vLLM and SGLang read them)."""
     hf_state = {}
-    for mapping in tensor_mappings(hf_config, transformer_engine):
+    for mapping in tensor_mappings(hf_config):
         if mapping.megatron_key not in megatron_state:
             raise KeyError(f"Megatron tensor {mapping.megatron_key} is missing")
         hf_state.update(zip(mapping.hf_keys, mapping.to_hf(megatron_state[mapping.megatron_key])))
@@ -136,7 +131,7 @@ def megatron_to_hf(
     return hf_state
 
 
-def _decoder_layer(hf: Mapping, hf_prefix: str, mg_prefix: str, is_moe: bool, te: bool) -> List[TensorMapping]:
+def _decoder_layer(hf: Mapping, hf_prefix: str, mg_prefix: str, is_moe: bool) -> List[TensorMapping]:
     def copy(megatron_name: str, hf_name: str) -> TensorMapping:
         return TensorMapping(mg_prefix + megatron_name, (hf_prefix + hf_name,))
 
@@ -149,27 +144,24 @@ def _decoder_layer(hf: Mapping, hf_prefix: str, mg_prefix: str, is_moe: bool, te
         return [fc1, copy(megatron_prefix + "linear_fc2.weight", hf_module + "down_proj.weight")]
 
     attention = "self_attention."
-    q_norm = "linear_q_up_proj.layer_norm_weight" if te else "q_layernorm.weight"
-    kv_norm = "linear_kv_up_proj.layer_norm_weight" if te else "kv_layernorm.weight"
     out = [copy("input_layernorm.weight", "input_layernorm.weight")]
     if hf.get("q_lora_rank") is None:
         out.append(copy(attention + "linear_q_proj.weight", "self_attn.q_proj.weight"))
     else:
         out += [
             copy(attention + "linear_q_down_proj.weight", "self_attn.q_a_proj.weight"),
-            copy(attention + q_norm, "self_attn.q_a_layernorm.weight"),
+            copy(attention + "linear_q_up_proj.layer_norm_weight", "self_attn.q_a_layernorm.weight"),
             copy(attention + "linear_q_up_proj.weight", "self_attn.q_b_proj.weight"),
         ]
     out += [
         copy(attention + "linear_kv_down_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"),
-        copy(attention + kv_norm, "self_attn.kv_a_layernorm.weight"),
+        copy(attention + "linear_kv_up_proj.layer_norm_weight", "self_attn.kv_a_layernorm.weight"),
         copy(attention + "linear_kv_up_proj.weight", "self_attn.kv_b_proj.weight"),
         copy(attention + "linear_proj.weight", "self_attn.o_proj.weight"),
     ]
-    if not is_moe:
-        # TE fuses the pre-MLP norm of a dense layer into linear_fc1.
-        norm = "mlp.linear_fc1.layer_norm_weight" if te else "pre_mlp_layernorm.weight"
-        return out + [copy(norm, "post_attention_layernorm.weight")] + swiglu("mlp.", "mlp.")
+    if not is_moe:  # TE fuses a dense layer's pre-MLP norm into linear_fc1 and keeps an MoE layer's separate
+        norm = copy("mlp.linear_fc1.layer_norm_weight", "post_attention_layernorm.weight")
+        return out + [norm] + swiglu("mlp.", "mlp.")
     out += [
         copy("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
         copy("mlp.router.weight", "mlp.gate.weight"),

@@ -3,7 +3,9 @@
 Decoder: ``first_k_dense_replace`` dense layers, then MoE layers (``moe_layer_freq``), all with MLA and its
 q/kv layernorms. MTP: sequential depths whose transformer layer is a full MoE layer, as in DeepSeek-V3.
 Modules are TransformerEngine's when it is importable, else Megatron-Core's local ones with
-:class:`SDPACoreAttention` (the local core attention cannot take MLA's different key and value head sizes).
+:class:`SDPACoreAttention` (the local core attention cannot take MLA's different key and value head sizes). Either
+way checkpoints carry TransformerEngine's tensor names (:mod:`megatron_mtp.checkpoint_names`), so a checkpoint
+written on a host without TransformerEngine loads on one with it and the reverse.
 """
 
 import dataclasses
@@ -21,6 +23,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_mtp import cpu_bridge
+from megatron_mtp.checkpoint_names import with_te_checkpoint_names
 from megatron_mtp.deepseek.cpu_attention import SDPACoreAttention
 from megatron_mtp.deepseek.hf_config import DeepSeekV3Configs, megatron_configs
 from megatron_mtp.layers import get_mtp_block_spec
@@ -44,7 +47,7 @@ def decoder_block_spec(
     )
     if use_transformer_engine:
         return spec
-    spec = dataclasses.replace(spec, layer_specs=[_with_sdpa_core_attention(s) for s in spec.layer_specs])
+    spec = dataclasses.replace(spec, layer_specs=[_local_layer(s) for s in spec.layer_specs])
     return _cpu_norms(spec, configs)
 
 
@@ -63,7 +66,7 @@ def mtp_block_spec(configs: DeepSeekV3Configs, use_transformer_engine: bool) -> 
         **kwargs,
     )
     if not use_transformer_engine:
-        layer = _with_sdpa_core_attention(layer)
+        layer = _local_layer(layer)
     spec = get_mtp_block_spec(layer, configs.mtp, use_transformer_engine=use_transformer_engine)
     return spec if use_transformer_engine else _cpu_norms(spec, configs)
 
@@ -111,14 +114,16 @@ def build_model(
     )
 
 
-def _with_sdpa_core_attention(layer_spec: ModuleSpec) -> ModuleSpec:
+def _local_layer(layer_spec: ModuleSpec) -> ModuleSpec:
+    """A local-spec layer with MLA's core attention on SDPA, saving under TransformerEngine's names."""
     attention = layer_spec.submodules.self_attention
     attention = dataclasses.replace(
         attention, submodules=dataclasses.replace(attention.submodules, core_attention=SDPACoreAttention)
     )
-    return dataclasses.replace(
+    layer_spec = dataclasses.replace(
         layer_spec, submodules=dataclasses.replace(layer_spec.submodules, self_attention=attention)
     )
+    return with_te_checkpoint_names(layer_spec)
 
 
 def _mla_without_transformer_engine() -> None:

@@ -6,9 +6,10 @@ global tensor (Megatron's own save cannot do this in one process: it expects eac
 chunks). Its ``.distcp`` files move into the checkpoint under new names and its DCP metadata is merged into one
 ``.metadata`` (a pickled ``torch.distributed.checkpoint.metadata.Metadata``): ``state_dict_metadata`` lists every chunk
 of every global tensor (an expert's slice of a ``[num_experts, ...]`` tensor is one chunk, so a layer's experts
-can span groups) and ``storage_data`` points each chunk at its file. ``common.pt`` and ``metadata.json`` come from
-a final save of the non-tensor state. :meth:`StreamingDistCheckpointWriter.finish` refuses to write ``.metadata``
-unless the chunks of every tensor cover it exactly.
+can span groups) and ``storage_data`` points each chunk at its file. A final Megatron-Core save of the non-tensor
+state adds ``metadata.json`` and the common state, in whichever form the installed release writes it.
+:meth:`StreamingDistCheckpointWriter.finish` refuses to write ``.metadata`` unless the chunks of every tensor cover
+it exactly.
 
 :func:`load_group` reads a piece of a sharded state dict the same way, chunk by chunk (Megatron's own load, too,
 expects each process to ask for whole grids of chunks).
@@ -95,6 +96,11 @@ class StreamingDistCheckpointWriter:
             planner=_ChunkSavePlanner(flatten_state_dict=False, can_run_decentralized_global_plan=False),
             no_dist=True,
         )
+        self._take_over(scratch, metadata)
+        shutil.rmtree(scratch)
+
+    def _take_over(self, scratch: str, metadata: Metadata) -> None:
+        """Move the ``.distcp`` files of a save into ``scratch`` into the checkpoint, merging their metadata."""
         renamed = {}
         for file_name in sorted(os.listdir(scratch)):
             if file_name.endswith(".distcp"):
@@ -106,7 +112,6 @@ class StreamingDistCheckpointWriter:
         for key, entry in metadata.state_dict_metadata.items():
             self._merge_entry(key, entry)
         self.planner_data.update(metadata.planner_data or {})
-        shutil.rmtree(scratch)
         self.groups += 1
 
     def _merge_entry(self, key: str, entry) -> None:
@@ -128,7 +133,7 @@ class StreamingDistCheckpointWriter:
             known.chunks.append(chunk)
 
     def finish(self, common_state: Dict[str, Any]) -> None:
-        """Check coverage, write the merged ``.metadata`` and the common state (``common.pt``, ``metadata.json``)."""
+        """Check coverage, write the common state and ``metadata.json``, then the merged ``.metadata``."""
         self.wait()
         for key, entry in self.state_dict_metadata.items():
             if isinstance(entry, BytesStorageMetadata):
@@ -138,9 +143,12 @@ class StreamingDistCheckpointWriter:
                 raise ValueError(f"{key}: saved chunks cover {covered} of {math.prod(entry.size)} elements")
         scratch = os.path.join(self.directory, ".common")
         os.makedirs(scratch)
+        # Megatron-Core 0.17+ keeps the common state as a "common_state" object in the
+        # torch.distributed.checkpoint files, and save_torch_dist adds the common.pt 0.16 reads: keep all of it.
         save_torch_dist(dict(common_state), scratch)
+        self._take_over(scratch, dcp.FileSystemReader(scratch).read_metadata())
         for file_name in os.listdir(scratch):
-            if not file_name.endswith(".distcp") and file_name != DCP_METADATA:
+            if file_name != DCP_METADATA:
                 os.replace(os.path.join(scratch, file_name), os.path.join(self.directory, file_name))
         shutil.rmtree(scratch)
         metadata = Metadata(

@@ -3,7 +3,10 @@
 Layout (Megatron-LM's): ``ROOT/iter_0000100/`` and ``ROOT/latest_checkpointed_iteration.txt``. A checkpoint is
 written to ``iter_0000100.partial`` and renamed into place once every rank has finished, and the tracker file
 is replaced atomically afterwards: a save killed midway leaves the previous checkpoint and the tracker intact.
-Model and optimizer state are sharded tensors, so a checkpoint saved at one TP/PP loads at another.
+Model and optimizer state are sharded tensors, so a checkpoint saved at one TP/PP loads at another. Tensor names
+are TransformerEngine's whichever spec built the model (:mod:`megatron_mtp.checkpoint_names`), so a checkpoint
+saved with one spec loads with the other; TransformerEngine's ``_extra_state`` (FP8 metadata), which a model
+without TE neither saves nor needs, may be absent.
 """
 
 import os
@@ -17,11 +20,14 @@ import torch.distributed as dist
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
+from megatron_mtp.checkpoint_names import absent_tensors_error
 from megatron_mtp.compat import save_torch_dist
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+EXTRA_STATE = "_extra_state"
 
 
 def _metadata() -> Dict[str, Any]:
@@ -103,9 +109,9 @@ def load_checkpoint(root, model, optimizer, scheduler, signature: Dict[str, Any]
     same_topology = common.get("topology") == _topology()
     if same_topology:
         request["rng_state"] = _rng_sharded_object(None)
-    loaded = dist_checkpointing.load(request, directory)
+    loaded = _load(request, directory, root)
     with torch.no_grad():  # fp32 distributed-optimizer main params are views of the model's leaf parameters
-        model.load_state_dict(loaded["model"])
+        _load_model_state(model, loaded["model"], root)
         optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["opt_param_scheduler"])
     if same_topology:
@@ -121,10 +127,33 @@ def load_model_weights(root: str, model) -> int:
     directory = iteration_dir(root, iteration)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"--load {root}: {TRACKER_FILE} names iteration {iteration} but {directory} is missing")
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=_metadata())}, directory)
+    loaded = _load({"model": model.sharded_state_dict(metadata=_metadata())}, directory, root)
     with torch.no_grad():
-        model.load_state_dict(loaded["model"])
+        _load_model_state(model, loaded["model"], root)
     return iteration
+
+
+def _load(request: Dict[str, Any], directory: str, root: str) -> Dict[str, Any]:
+    """``dist_checkpointing.load`` of ``request``, leaving out the ``_extra_state`` objects the checkpoint lacks
+    (TE modules' FP8 metadata, absent when the checkpoint was written without TE); any other absent tensor or
+    object is an error naming it."""
+    loaded, _, absent = dist_checkpointing.load(request, directory, strict=StrictHandling.RETURN_UNEXPECTED)
+    absent = [key for key in absent if not key.endswith(EXTRA_STATE)]
+    if absent:
+        checkpoint_keys = dist_checkpointing.load_tensors_metadata(directory)
+        raise absent_tensors_error(f"--load {root}: {directory}", absent, checkpoint_keys)
+    return loaded
+
+
+def _load_model_state(model, state: Dict[str, Any], root: str) -> None:
+    """``model.load_state_dict(state)``, where only ``_extra_state`` entries left out by :func:`_load` may miss."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [key for key in result.missing_keys if not key.endswith(EXTRA_STATE)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"--load {root}: the loaded state does not fit the model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
 
 
 def _check_optimizer_can_resume(root: str, optimizer) -> None:
