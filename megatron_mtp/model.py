@@ -159,11 +159,12 @@ class MTPGPTModel(GPTModel):
         unchanged (inference contexts, last-token logits, output processors keep working), except that
         Megatron-Core's own MTP is kept out of it.
         """
+        if not self.post_process:
+            return super()._postprocess(hidden_states=hidden_states, **kwargs)
         call = self._mtp_call or _MTPCall()
         labels, loss_mask = kwargs.get("labels"), kwargs.get("loss_mask")
         run_mtp = (
-            self.post_process
-            and hasattr(self, "mtp")
+            hasattr(self, "mtp")
             and labels is not None
             and (self.training if call.compute_mtp is None else call.compute_mtp)
         )
