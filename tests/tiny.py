@@ -151,7 +151,10 @@ def make_batches(num_microbatches: int, seed: int = 0, fully_masked_microbatch: 
 
 
 def train_step(model, config, batches: List[dict], stats: Optional[MTPStats] = None, mtp_step=None):
-    """One Megatron forward/backward over the micro-batches (1F1B under PP). Returns per-micro-batch LM loss."""
+    """One Megatron forward/backward over the micro-batches (1F1B under PP). Returns per-micro-batch LM loss.
+
+    ``model`` (DDP-wrapped) is ours or Megatron-Core's ``GPTModel``; ``stats`` and ``mtp_step`` are for ours."""
+    mtp_kwargs = dict(mtp_stats=stats, mtp_step=mtp_step) if isinstance(model.module, MTPGPTModel) else {}
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -161,8 +164,7 @@ def train_step(model, config, batches: List[dict], stats: Optional[MTPStats] = N
             batch["attention_mask"],
             labels=batch["labels"],
             loss_mask=batch["loss_mask"],
-            mtp_stats=stats,
-            mtp_step=mtp_step,
+            **mtp_kwargs,
         )
 
         def loss_func(per_token_loss):
