@@ -100,7 +100,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         if logging_step:
             metrics = reduce_metrics(reports, stats, device)
             writer = log.writer if log is not None else None
-            metrics.update(moe_aux_losses(config, iteration, runtime.num_microbatches, writer, args.moe_per_layer_logging))
+            metrics.update(
+                moe_aux_losses(config, iteration, runtime.num_microbatches, writer, args.moe_per_layer_logging)
+            )
             if runtime.device == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.time() - window_start

@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--moe-router-load-balancing-type", default="aux_loss",
         choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"],
-        help="aux_loss: GShard/Switch load balancing over the micro-batch; seq_aux_loss: per sequence (DeepSeek-V2/V3); "
-        "global_aux_loss: over the global batch; sinkhorn: S-BASE routing; none.",
+        help="aux_loss: GShard/Switch load balancing over the micro-batch; seq_aux_loss: per sequence "
+        "(DeepSeek-V2/V3); global_aux_loss: over the global batch; sinkhorn: S-BASE routing; none.",
     )
     model.add_argument("--moe-z-loss-coeff", type=float, default=None, help="Scale of the router z-loss (ST-MoE).")
     model.add_argument(

@@ -35,7 +35,11 @@ def moe_aux_loss_names(config: TransformerConfig) -> List[str]:
     balancing, coefficients = config.moe_router_load_balancing_type, config.moe_aux_loss_coeff
     if isinstance(balancing, str):
         balancing, coefficients = [balancing], [coefficients]
-    names = [MOE_BALANCING_LOSS_NAMES[t] for t, c in zip(balancing, coefficients) if t in MOE_BALANCING_LOSS_NAMES and c]
+    names = [
+        MOE_BALANCING_LOSS_NAMES[kind]
+        for kind, coefficient in zip(balancing, coefficients)
+        if kind in MOE_BALANCING_LOSS_NAMES and coefficient
+    ]
     return names + ["z_loss"] if config.moe_z_loss_coeff is not None else names
 
 

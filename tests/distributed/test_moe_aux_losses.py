@@ -148,7 +148,8 @@ def _check_against_reference(case, reference, rank_results, sum_logs_over_ranks:
         bad = {name: diff for name, diff in result["grad_diffs"].items() if diff > 1e-5}
         assert not bad, f"{case} rank {rank}: gradients differ from one process: {bad}"
         if result["last_stage"]:
-            torch.testing.assert_close(torch.stack(result["losses"]), torch.stack(reference["losses"]), atol=1e-5, rtol=0)
+            losses, reference_losses = torch.stack(result["losses"]), torch.stack(reference["losses"])
+            torch.testing.assert_close(losses, reference_losses, atol=1e-5, rtol=0)
         _check_numbering(case, result["numbering"], result["megatron_core_numbering"], result["last_stage"])
     logs = [result["log"] for result in rank_results]
     assert all(set(log) == set(reference["log"]) for log in logs), (case, [set(log) for log in logs])
@@ -185,9 +186,10 @@ def test_one_process_mtp_layers_take_megatron_core_slots(single_process, case):
 
 def _check_head_routers_train_on_aux_losses(model, mtp, balancing):
     """Untracked, a head's router still gets its aux losses' gradient: it differs with the coefficients at 0."""
-    routers = {name: grad_of(p).clone() for name, p in global_names(model).items() if name.startswith("mtp.") and "router" in name}
+    names = global_names(model)
+    routers = {name: grad_of(p).clone() for name, p in names.items() if name.startswith("mtp.") and "router" in name}
     assert routers
-    weights = {name: p.detach().clone() for name, p in global_names(model).items()}
+    weights = {name: p.detach().clone() for name, p in names.items()}
     config = _config(mtp, balancing, aux_coeff=0.0, z_coeff=None)
     plain = build_model(config, mtp)
     load_full_state(plain, weights)

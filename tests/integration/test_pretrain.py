@@ -84,10 +84,10 @@ def test_moe_aux_losses_are_logged_per_layer_as_megatron_logs_them(tiny_data, tm
     decoder layers 0-1 (stage 0), 2-3 (stage 1), then the two MTP layers."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = run(2, ["--pipeline-model-parallel-size", "2", "--num-layers", "4", "--num-experts", "4", "--disable-bias-linear",
-                  "--moe-aux-loss-coeff", "1e-2", "--moe-z-loss-coeff", "1e-3", "--moe-per-layer-logging",
-                  "--train-iters", "3", "--json-log", str(tmp_path / "log.jsonl"), "--tensorboard-dir", str(tmp_path / "tb")],
-              tiny_data)
+    moe = ["--num-layers", "4", "--num-experts", "4", "--disable-bias-linear", "--moe-aux-loss-coeff", "1e-2",
+           "--moe-z-loss-coeff", "1e-3", "--moe-per-layer-logging"]
+    logs = ["--json-log", str(tmp_path / "log.jsonl"), "--tensorboard-dir", str(tmp_path / "tb")]
+    out = run(2, ["--pipeline-model-parallel-size", "2", *moe, "--train-iters", "3", *logs], tiny_data)
     assert "iteration 3/3 | lm loss" in out.stdout and "load_balancing_loss" in out.stdout and "z_loss" in out.stdout
     log = read_log(tmp_path / "log.jsonl")
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
