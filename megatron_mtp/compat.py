@@ -19,12 +19,17 @@ No other module looks at Megatron-Core's version. What differs:
   before ``linear_q_proj`` whenever ``qk_layernorm`` is set (it fuses one into that projection, or refuses a
   separate one as unused), and the checkpoint has no such norm; 0.16 builds the model as published;
 - the layout of Megatron-Core's MTP logging tracker, read by the tests that compare with its MTP;
+- Megatron-Core's MoE aux-loss log: module-level functions in ``moe_utils`` up to 0.16 (``track_moe_metrics``,
+  ``get_moe_layer_wise_logging_tracker``), a ``MoEMetricsTracker`` object in ``moe_logging`` from 0.19 (the old
+  functions remain as deprecated wrappers there); and on 0.19 a router in an MTP layer (``is_mtp_layer``) adds
+  ``num_layers`` to its layer number before looking whether it has one, so keeping a router out of the log
+  takes both;
 - the extra keyword arguments ``GPTModel`` passes to ``_postprocess`` (``padding_mask`` and output processors in
   0.18+): the model takes them by keyword and hands them on unchanged, so nothing here needs to know.
 """
 
 import os
-from typing import Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 from megatron.core import __version__ as _megatron_core_version
@@ -45,6 +50,11 @@ if not SUPPORTED_RANGE[0] <= MEGATRON_CORE_VERSION < SUPPORTED_RANGE[1]:
     )
 
 _MTP_LAYER_FLAG = MEGATRON_CORE_VERSION >= Version("0.19.0")
+_MOE_METRICS_TRACKER = MEGATRON_CORE_VERSION >= Version("0.19.0")
+if _MOE_METRICS_TRACKER:
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker, get_moe_metrics_tracker
+else:
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker, track_moe_metrics
 
 _COMMON_STATE_IN_DCP = MEGATRON_CORE_VERSION >= Version("0.17.0")
 
@@ -109,3 +119,61 @@ def save_torch_dist(sharded_state_dict: dict, directory: str) -> None:
     dist_checkpointing.save(sharded_state_dict, directory)
     if common_state is not None and torch.distributed.get_rank() == 0:
         torch.save(common_state, os.path.join(directory, COMMON_STATE_FNAME))
+
+
+def untrack_moe_router(router: MegatronModule) -> None:
+    """Keep ``router``'s aux losses out of Megatron-Core's per-layer MoE log; they still reach the loss."""
+    router.set_layer_number(None)
+    if _MTP_LAYER_FLAG:
+        router.is_mtp_layer = False
+
+
+def moe_aux_loss_values() -> Dict[str, torch.Tensor]:
+    """Megatron-Core's per-layer MoE aux-loss log as it stands: name -> [num_layers + mtp_num_layers] (slot
+    ``layer_number - 1``, MTP layers after the decoder's), summed over the micro-batches since it was cleared.
+    The tensors are the log's own."""
+    if _MOE_METRICS_TRACKER:
+        return {name: entry.values for name, entry in get_moe_metrics_tracker().metrics.items()}
+    return {name: entry["values"] for name, entry in get_moe_layer_wise_logging_tracker().items()}
+
+
+def reset_moe_aux_loss_log() -> None:
+    """Forget Megatron-Core's MoE aux-loss log, entries included: their size is fixed by the first model that
+    logged, and a model with another layer count needs them gone."""
+    if _MOE_METRICS_TRACKER:
+        destroy_moe_metrics_tracker()
+    else:
+        get_moe_layer_wise_logging_tracker().clear()
+
+
+def report_moe_aux_losses(
+    loss_scale: float,
+    iteration: int,
+    track_names: List[str],
+    num_layers: int,
+    moe_layer_freq: Union[int, List[int]],
+    mtp_num_layers: Optional[int],
+    writer=None,
+    per_layer_logging: bool = False,
+    total_loss_dict: Optional[dict] = None,
+) -> None:
+    """Megatron-LM's end-of-step MoE log through Megatron-Core's own reporter. Every rank calls it: the values are
+    summed over pipeline stages and averaged over data-parallel ranks, scaled by ``loss_scale``, written to
+    ``writer`` (TensorBoard) as ``{name}`` (mean over MoE layers) and, with ``per_layer_logging``, as
+    ``moe/{name}_layer_{i}``; that mean is added to ``total_loss_dict``; then the log is cleared."""
+    arguments = dict(
+        loss_scale=loss_scale,
+        iteration=iteration,
+        writer=writer,
+        per_layer_logging=per_layer_logging,
+        force_initialize=True,
+        track_names=track_names,
+        num_layers=num_layers,
+        moe_layer_freq=moe_layer_freq,
+        mtp_num_layers=mtp_num_layers,
+        total_loss_dict=total_loss_dict,
+    )
+    if _MOE_METRICS_TRACKER:
+        get_moe_metrics_tracker().report(**arguments)
+    else:
+        track_moe_metrics(**arguments)

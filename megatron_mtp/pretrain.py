@@ -18,13 +18,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_mtp.compat import reset_moe_aux_loss_log
 from megatron_mtp.data.datasets import MicroBatchIterator, build_gpt_datasets
 from megatron_mtp.data.stdlib_corpus import prepare_stdlib_corpus
 from megatron_mtp.data.tokenizers import build_tokenizer
 from megatron_mtp.loss import MTPStats
 from megatron_mtp.training.arguments import parse_args
 from megatron_mtp.training.checkpointing import load_checkpoint, load_model_weights, save_checkpoint
-from megatron_mtp.training.metrics_log import MetricsLog, memory_gb
+from megatron_mtp.training.metrics_log import MetricsLog, memory_gb, moe_aux_losses
 from megatron_mtp.training.setup import (
     build_model,
     build_optimizer,
@@ -98,6 +99,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         window_iters += 1
         if logging_step:
             metrics = reduce_metrics(reports, stats, device)
+            writer = log.writer if log is not None else None
+            metrics.update(
+                moe_aux_losses(config, iteration, runtime.num_microbatches, writer, args.moe_per_layer_logging)
+            )
             if runtime.device == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.time() - window_start
@@ -113,6 +118,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                     print(f"iteration {iteration}: optimizer step skipped (non-finite gradients)", flush=True)
                 log.log(iteration, metrics)
             window_start, window_iters = time.time(), 0
+        else:  # the logged MoE aux losses are those of the logging step, as the LM loss is
+            reset_moe_aux_loss_log()
         evaluating = args.eval_interval and valid_set is not None and iteration % args.eval_interval == 0
         saving = args.save and args.save_interval and iteration % args.save_interval == 0
         if evaluating:

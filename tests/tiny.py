@@ -11,7 +11,8 @@ import torch
 
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -35,8 +36,14 @@ def transformer_config(
     sp: bool = False,
     num_layers: int = 4,
     num_experts: Optional[int] = None,
+    moe_aux_loss_coeff: float = 0.0,
     **overrides,
 ) -> TransformerConfig:
+    """A small fp32 config; ``num_experts`` makes every decoder layer MoE (top-2, allgather dispatcher).
+
+    MoE router settings beyond the aux-loss coefficient (``moe_z_loss_coeff``,
+    ``moe_router_load_balancing_type``, ...) go in ``overrides``.
+    """
     moe = {}
     if num_experts:
         moe = dict(
@@ -45,7 +52,7 @@ def transformer_config(
             moe_token_dispatcher_type="allgather",
             moe_grouped_gemm=False,
             moe_ffn_hidden_size=48,
-            moe_aux_loss_coeff=0.0,
+            moe_aux_loss_coeff=moe_aux_loss_coeff,
             add_bias_linear=False,  # as MoE models are trained; expert biases hit an in-place-on-view path
             expert_model_parallel_size=ep,
         )
@@ -91,6 +98,24 @@ def build_model(config: TransformerConfig, mtp: MTPConfig, tied: bool = False, p
     )
 
 
+def build_megatron_core_model(config: TransformerConfig, tied: bool = False, position: str = "rope") -> GPTModel:
+    """Megatron-Core's own GPTModel with its MTP block (``get_gpt_mtp_block_spec``, which is empty off the last
+    stage), built as :func:`build_model` builds ours: the reference for sequential MTP."""
+    spec = decoder_spec(config)
+    mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
+    return GPTModel(
+        config,
+        spec,
+        VOCAB,
+        SEQ,
+        mtp_block_spec=cpu_bridge.with_sequence_parallel_norms(mtp_spec),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=tied,
+        position_embedding_type=position,
+    )
+
+
 def wrap_ddp(model, config):
     ddp = DistributedDataParallel(
         config=config,
@@ -126,7 +151,10 @@ def make_batches(num_microbatches: int, seed: int = 0, fully_masked_microbatch: 
 
 
 def train_step(model, config, batches: List[dict], stats: Optional[MTPStats] = None, mtp_step=None):
-    """One Megatron forward/backward over the micro-batches (1F1B under PP). Returns per-micro-batch LM loss."""
+    """One Megatron forward/backward over the micro-batches (1F1B under PP). Returns per-micro-batch LM loss.
+
+    ``model`` (DDP-wrapped) is ours or Megatron-Core's ``GPTModel``; ``stats`` and ``mtp_step`` are for ours."""
+    mtp_kwargs = dict(mtp_stats=stats, mtp_step=mtp_step) if isinstance(model.module, MTPGPTModel) else {}
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -136,8 +164,7 @@ def train_step(model, config, batches: List[dict], stats: Optional[MTPStats] = N
             batch["attention_mask"],
             labels=batch["labels"],
             loss_mask=batch["loss_mask"],
-            mtp_stats=stats,
-            mtp_step=mtp_step,
+            **mtp_kwargs,
         )
 
         def loss_func(per_token_loss):

@@ -81,6 +81,8 @@ def transformer_config(args: argparse.Namespace, **overrides) -> MLATransformerC
         args.hf_config,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_z_loss_coeff=args.moe_z_loss_coeff,
         moe_grouped_gemm=False,
         expert_model_parallel_size=args.expert_model_parallel_size,
         mtp_loss_scaling_factor=args.mtp_config.loss_scaling_factor,

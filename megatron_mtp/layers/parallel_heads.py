@@ -20,7 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
 
-from megatron_mtp.compat import MTPLayerModule, mtp_transformer_layer_args
+from megatron_mtp.compat import MTPLayerModule, mtp_transformer_layer_args, untrack_moe_router
 
 
 @dataclass
@@ -87,4 +87,4 @@ def _untrack_aux_losses(layer, config: TransformerConfig) -> None:
     """
     router = getattr(getattr(layer, "mlp", None), "router", None)
     if router is not None and config.mtp_num_layers is None:
-        router.set_layer_number(None)
+        untrack_moe_router(router)

@@ -49,7 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--num-experts", type=int, default=None, help="MoE experts per MoE layer; unset: dense.")
     model.add_argument("--moe-router-topk", type=int, default=2)
     model.add_argument("--moe-ffn-hidden-size", type=int, default=None)
-    model.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    model.add_argument(
+        "--moe-aux-loss-coeff", type=float, default=0.0,
+        help="Scale of the load-balancing loss chosen by --moe-router-load-balancing-type (1e-2 is a usual start).",
+    )
+    model.add_argument(
+        "--moe-router-load-balancing-type", default="aux_loss",
+        choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"],
+        help="aux_loss: GShard/Switch load balancing over the micro-batch; seq_aux_loss: per sequence "
+        "(DeepSeek-V2/V3); global_aux_loss: over the global batch; sinkhorn: S-BASE routing; none.",
+    )
+    model.add_argument("--moe-z-loss-coeff", type=float, default=None, help="Scale of the router z-loss (ST-MoE).")
     model.add_argument(
         "--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="allgather",
     )
@@ -114,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     logging.add_argument("--log-interval", type=int, default=10)
     logging.add_argument("--tensorboard-dir", default=None)
     logging.add_argument("--json-log", default=None, help="Append one JSON line of metrics per logged step.")
+    logging.add_argument(
+        "--moe-per-layer-logging", action="store_true",
+        help="Also write each MoE layer's aux losses to TensorBoard as moe/<name>_layer_<i> (MTP layers after the "
+        "decoder's), as Megatron-LM does.",
+    )
 
     add_mtp_args(parser)
     parser.set_defaults(mtp_num_layers=1)
@@ -152,6 +167,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.sequence_parallel and args.seq_length % args.tensor_model_parallel_size:
         parser.error("--seq-length must be divisible by --tensor-model-parallel-size with --sequence-parallel")
+    if args.moe_per_layer_logging and not args.tensorboard_dir:
+        parser.error("--moe-per-layer-logging writes to TensorBoard: give --tensorboard-dir")
     if args.expert_model_parallel_size > 1 and not args.num_experts:
         parser.error("--expert-model-parallel-size > 1 needs --num-experts")
     if args.num_experts and args.num_experts % args.expert_model_parallel_size:

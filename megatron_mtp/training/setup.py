@@ -105,6 +105,8 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
             moe_router_topk=args.moe_router_topk,
             moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size,
             moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+            moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+            moe_z_loss_coeff=args.moe_z_loss_coeff,
             moe_token_dispatcher_type=args.moe_token_dispatcher_type,
             expert_model_parallel_size=args.expert_model_parallel_size,
             moe_grouped_gemm=False,

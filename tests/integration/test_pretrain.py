@@ -78,6 +78,39 @@ def test_two_process_run_trains_and_saves(tiny_data, tmp_path, parallel):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
 
 
+def test_moe_aux_losses_are_logged_per_layer_as_megatron_logs_them(tiny_data, tmp_path):
+    """MoE decoder and MTP layers with a load-balancing loss and the z-loss at PP=2: the step line, the JSON log and
+    TensorBoard carry Megatron-Core's aux-loss log, which the last rank writes after summing it over the stages:
+    decoder layers 0-1 (stage 0), 2-3 (stage 1), then the two MTP layers."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    moe = ["--num-layers", "4", "--num-experts", "4", "--disable-bias-linear", "--moe-aux-loss-coeff", "1e-2",
+           "--moe-z-loss-coeff", "1e-3", "--moe-per-layer-logging"]
+    logs = ["--json-log", str(tmp_path / "log.jsonl"), "--tensorboard-dir", str(tmp_path / "tb")]
+    out = run(2, ["--pipeline-model-parallel-size", "2", *moe, "--train-iters", "3", *logs], tiny_data)
+    assert "iteration 3/3 | lm loss" in out.stdout and "load_balancing_loss" in out.stdout and "z_loss" in out.stdout
+    log = read_log(tmp_path / "log.jsonl")
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    layers = 4 + 2
+    for name in ("load_balancing_loss", "z_loss"):
+        assert sorted(tag for tag in tags if tag.startswith(f"moe/{name}_layer_")) == sorted(
+            f"moe/{name}_layer_{i}" for i in range(layers)
+        )
+        for iteration in (1, 2, 3):
+            per_layer = [_scalar(events, f"moe/{name}_layer_{i}", iteration) for i in range(layers)]
+            assert all(value > 0 for value in per_layer), (name, iteration, per_layer)
+            mean = _scalar(events, name, iteration)
+            assert mean == pytest.approx(sum(per_layer) / layers, rel=1e-6), (name, iteration)
+            assert log[iteration][name] == pytest.approx(mean, rel=1e-6), (name, iteration)
+
+
+def _scalar(events, tag, step):
+    (value,) = [event.value for event in events.Scalars(tag) if event.step == step]
+    return value
+
+
 def _kill_tree(pid):
     """SIGKILL a launcher and every process under it (torchrun starts workers in their own sessions)."""
     import psutil

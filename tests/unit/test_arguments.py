@@ -79,6 +79,7 @@ def test_contradictory_flags_fail_at_parse_time_naming_the_flags(argv, message, 
         (["--save-interval", "5"], "--save-interval needs --save DIR"),
         (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], "must be divisible by --pipeline-model-parallel-size"),
         (["--data-path", "0.5", "a", "b"], "WEIGHT PREFIX pairs"),
+        (["--num-experts", "4", "--moe-per-layer-logging"], "--moe-per-layer-logging writes to TensorBoard"),
     ],
 )
 def test_pretrain_flag_errors(argv, message, capsys):
