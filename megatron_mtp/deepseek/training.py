@@ -96,7 +96,8 @@ def build_model(args: argparse.Namespace, config: MLATransformerConfig, use_tran
 
 def _explicit_flags(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> dict:
     """The flags given on the command line, by dest, with their values."""
-    probe = copy.deepcopy(parser)  # its actions' defaults change; the run's parser keeps its own
+    probe = copy.deepcopy(parser)  # its defaults change; the run's parser keeps its own
     for action in probe._actions:
         action.default = argparse.SUPPRESS
+    probe._defaults.clear()  # set_defaults(mtp_num_layers=1) would otherwise read as given
     return vars(probe.parse_known_args(argv)[0])

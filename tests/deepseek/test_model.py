@@ -376,6 +376,13 @@ def test_hf_config_flag_sets_the_architecture(hf_config_file):
     )
 
 
+@pytest.mark.parametrize("depths", [0, 2])
+def test_hf_config_flag_takes_the_mtp_depth_of_the_config(tmp_path, depths):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_config(num_nextn_predict_layers=depths)))
+    assert parse_args(["--hf-config", str(path)]).mtp_config.num_layers == depths
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
