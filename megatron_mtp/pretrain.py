@@ -23,7 +23,7 @@ from megatron_mtp.data.stdlib_corpus import prepare_stdlib_corpus
 from megatron_mtp.data.tokenizers import build_tokenizer
 from megatron_mtp.loss import MTPStats
 from megatron_mtp.training.arguments import parse_args
-from megatron_mtp.training.checkpointing import load_checkpoint, load_model_weights, save_checkpoint
+from megatron_mtp.training.checkpointing import load_checkpoint, load_model_weights, model_signature, save_checkpoint
 from megatron_mtp.training.metrics_log import MetricsLog, memory_gb
 from megatron_mtp.training.setup import (
     build_model,
@@ -46,7 +46,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     iteration, consumed_samples = 0, 0
     if args.load and args.finetune:
-        load_model_weights(args.load, model.module)
+        load_model_weights(args.load, model.module, signature)
         _print(f"loaded model weights from {args.load}; training starts at iteration 0 (--finetune)")
     elif args.load:
         iteration, train_state = load_checkpoint(args.load, model.module, optimizer, scheduler, signature)
@@ -203,27 +203,6 @@ def save(args, iteration, model, optimizer, scheduler, consumed_samples, signatu
         args.save, iteration, model.module, optimizer, scheduler, {"consumed_samples": consumed_samples}, signature
     )
     _print(f"saved checkpoint at iteration {iteration} to {directory} ({time.time() - start:.1f} s)")
-
-
-def model_signature(args, vocab_size: int) -> Dict:
-    """What a checkpoint must match to be loaded into this run (shapes and MTP structure)."""
-    return dict(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        padded_vocab_size=vocab_size,
-        position_embedding_type=args.position_embedding_type,
-        max_position_embeddings=args.max_position_embeddings if args.position_embedding_type == "learned_absolute" else None,
-        normalization=args.normalization,
-        swiglu=args.swiglu,
-        bias_linear=not args.disable_bias_linear,
-        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
-        num_experts=args.num_experts,
-        mtp_num_layers=args.mtp_config.num_layers,
-        mtp_mode=args.mtp_config.mode,
-    )
 
 
 def _print(message: str) -> None:

@@ -329,8 +329,16 @@ def test_pretrain_finetunes_from_an_imported_checkpoint_and_its_save_exports(tmp
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"loaded model weights from {root}; training starts at iteration 0" in result.stdout
+    assert "records no model signature" not in result.stderr  # the import wrote the one the run checks
     losses = [float(line.split("lm loss ")[1].split()[0]) for line in result.stdout.splitlines() if "lm loss " in line]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses), result.stdout
+
+    no_mtp = tmp_path / "no_mtp.json"  # same tensor shapes, no MTP layer: only the signature tells them apart
+    no_mtp.write_text(json.dumps(tiny_config(vocab_size=384, num_nextn_predict_layers=0)))
+    mismatch = subprocess.run(
+        [*command[:3], "--hf-config", str(no_mtp), *command[5:]], capture_output=True, text=True, timeout=300
+    )
+    assert mismatch.returncode != 0 and "mtp_num_layers: checkpoint 1, this run 0" in mismatch.stderr, mismatch.stderr
 
     with pytest.raises(CheckpointError, match="records no HF config"):
         export_hf_checkpoint(trained, out)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import free_port
 
@@ -179,3 +180,25 @@ def test_bad_data_and_checkpoints_fail_clearly(tiny_data, tmp_path):
     assert distributed.returncode != 0 and "--use-distributed-optimizer needs TransformerEngine or apex" in distributed.stderr
     mode = run(1, ["--train-iters", "4", "--load", str(save), "--mtp-mode", "parallel"], tiny_data, check=False)
     assert mode.returncode != 0 and "mtp_mode: checkpoint 'sequential', this run 'parallel'" in mode.stderr
+
+
+def test_finetune_checks_the_model_signature(tiny_data, tmp_path):
+    save = tmp_path / "ckpt"
+    run(1, ["--train-iters", "3", "--save", str(save)], tiny_data)
+    other = ["--hidden-size", "32", "--mtp-num-layers", "1", "--mtp-mode", "parallel"]
+    mismatch = run(1, ["--train-iters", "3", "--load", str(save), "--finetune", *other], tiny_data, check=False)
+    assert mismatch.returncode != 0 and "saved for a different model" in mismatch.stderr
+    for difference in ("hidden_size: checkpoint 64, this run 32", "mtp_num_layers: checkpoint 2, this run 1",
+                       "mtp_mode: checkpoint 'sequential', this run 'parallel'"):
+        assert difference in mismatch.stderr, mismatch.stderr[-3000:]
+
+    # A checkpoint from another tool records no signature: it loads with a warning, names and shapes still checked.
+    common = save / "iter_0000003" / "common.pt"
+    state = torch.load(common, weights_only=False)
+    del state["signature"]
+    torch.save(state, common)
+    unsigned = run(1, ["--train-iters", "3", "--load", str(save), "--finetune"], tiny_data)
+    assert "records no model signature" in unsigned.stderr and "training starts at iteration 0" in unsigned.stdout
+    shape = run(1, ["--train-iters", "3", "--load", str(save), "--finetune", "--hidden-size", "32"], tiny_data, check=False)
+    assert shape.returncode != 0 and "records no model signature" in shape.stderr
+    assert "Global shape mismatch" in shape.stderr, shape.stderr[-3000:]
