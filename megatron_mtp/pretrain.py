@@ -10,10 +10,11 @@ Multi-node: examples/slurm/. All flags: --help.
 import math
 import sys
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset
 
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -53,13 +54,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         consumed_samples = train_state["consumed_samples"]
         _print(f"resumed from {args.load} at iteration {iteration} ({consumed_samples} samples consumed)")
 
-    data_path = args.data_path or [prepare_stdlib_corpus(args.data_cache_dir, tokenizer)]
-    evaluations = (args.train_iters // args.eval_interval if args.eval_interval else 0) + 1
-    eval_samples = evaluations * args.eval_iters * runtime.global_batch_size
-    train_set, valid_set, _ = build_gpt_datasets(
-        data_path, args.split, args.seq_length, tokenizer, args.seed,
-        (args.train_iters * runtime.global_batch_size, eval_samples, 0), args.data_cache_dir,
-    )
+    data_path, train_set, valid_set = build_datasets(args, tokenizer, runtime.global_batch_size)
     dp_rank = parallel_state.get_data_parallel_rank()
     train_batches = MicroBatchIterator(train_set, consumed_samples, args.micro_batch_size, dp_rank, runtime.data_parallel_size)
     log = MetricsLog(args.train_iters, args.tensorboard_dir, args.json_log) if dist.get_rank() == dist.get_world_size() - 1 else None
@@ -125,6 +120,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.save and last_saved != iteration:
         save(args, iteration, model, optimizer, scheduler, consumed_samples, signature)
     _finish(log)
+
+
+def build_datasets(args, tokenizer, global_batch_size: int) -> Tuple[List[str], Dataset, Optional[Dataset]]:
+    """(data path, train set, validation set) of a run: --data-path or the embedded corpus, sized for
+    --train-iters steps and every evaluation. Collective when torch.distributed is initialized."""
+    data_path = args.data_path or [prepare_stdlib_corpus(args.data_cache_dir, tokenizer)]
+    evaluations = (args.train_iters // args.eval_interval if args.eval_interval else 0) + 1
+    eval_samples = evaluations * args.eval_iters * global_batch_size
+    train_set, valid_set, _ = build_gpt_datasets(
+        data_path, args.split, args.seq_length, tokenizer, args.seed,
+        (args.train_iters * global_batch_size, eval_samples, 0), args.data_cache_dir,
+    )
+    return data_path, train_set, valid_set
 
 
 def _finish(log: Optional[MetricsLog]) -> None:
