@@ -10,10 +10,11 @@ Multi-node: examples/slurm/. All flags: --help.
 import math
 import sys
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset
 
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -24,7 +25,7 @@ from megatron_mtp.data.stdlib_corpus import prepare_stdlib_corpus
 from megatron_mtp.data.tokenizers import build_tokenizer
 from megatron_mtp.loss import MTPStats
 from megatron_mtp.training.arguments import parse_args
-from megatron_mtp.training.checkpointing import load_checkpoint, load_model_weights, save_checkpoint
+from megatron_mtp.training.checkpointing import load_checkpoint, load_model_weights, model_signature, save_checkpoint
 from megatron_mtp.training.metrics_log import MetricsLog, memory_gb, moe_aux_losses
 from megatron_mtp.training.setup import (
     build_model,
@@ -47,20 +48,14 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     iteration, consumed_samples = 0, 0
     if args.load and args.finetune:
-        load_model_weights(args.load, model.module)
+        load_model_weights(args.load, model.module, signature)
         _print(f"loaded model weights from {args.load}; training starts at iteration 0 (--finetune)")
     elif args.load:
         iteration, train_state = load_checkpoint(args.load, model.module, optimizer, scheduler, signature)
         consumed_samples = train_state["consumed_samples"]
         _print(f"resumed from {args.load} at iteration {iteration} ({consumed_samples} samples consumed)")
 
-    data_path = args.data_path or [prepare_stdlib_corpus(args.data_cache_dir, tokenizer)]
-    evaluations = (args.train_iters // args.eval_interval if args.eval_interval else 0) + 1
-    eval_samples = evaluations * args.eval_iters * runtime.global_batch_size
-    train_set, valid_set, _ = build_gpt_datasets(
-        data_path, args.split, args.seq_length, tokenizer, args.seed,
-        (args.train_iters * runtime.global_batch_size, eval_samples, 0), args.data_cache_dir,
-    )
+    data_path, train_set, valid_set = build_datasets(args, tokenizer, runtime.global_batch_size)
     dp_rank = parallel_state.get_data_parallel_rank()
     train_batches = MicroBatchIterator(train_set, consumed_samples, args.micro_batch_size, dp_rank, runtime.data_parallel_size)
     log = MetricsLog(args.train_iters, args.tensorboard_dir, args.json_log) if dist.get_rank() == dist.get_world_size() - 1 else None
@@ -132,6 +127,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.save and last_saved != iteration:
         save(args, iteration, model, optimizer, scheduler, consumed_samples, signature)
     _finish(log)
+
+
+def build_datasets(args, tokenizer, global_batch_size: int) -> Tuple[List[str], Dataset, Optional[Dataset]]:
+    """(data path, train set, validation set) of a run: --data-path or the embedded corpus, sized for
+    --train-iters steps and every evaluation. Collective when torch.distributed is initialized."""
+    data_path = args.data_path or [prepare_stdlib_corpus(args.data_cache_dir, tokenizer)]
+    evaluations = (args.train_iters // args.eval_interval if args.eval_interval else 0) + 1
+    eval_samples = evaluations * args.eval_iters * global_batch_size
+    train_set, valid_set, _ = build_gpt_datasets(
+        data_path, args.split, args.seq_length, tokenizer, args.seed,
+        (args.train_iters * global_batch_size, eval_samples, 0), args.data_cache_dir,
+    )
+    return data_path, train_set, valid_set
 
 
 def _finish(log: Optional[MetricsLog]) -> None:
@@ -210,27 +218,6 @@ def save(args, iteration, model, optimizer, scheduler, consumed_samples, signatu
         args.save, iteration, model.module, optimizer, scheduler, {"consumed_samples": consumed_samples}, signature
     )
     _print(f"saved checkpoint at iteration {iteration} to {directory} ({time.time() - start:.1f} s)")
-
-
-def model_signature(args, vocab_size: int) -> Dict:
-    """What a checkpoint must match to be loaded into this run (shapes and MTP structure)."""
-    return dict(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        padded_vocab_size=vocab_size,
-        position_embedding_type=args.position_embedding_type,
-        max_position_embeddings=args.max_position_embeddings if args.position_embedding_type == "learned_absolute" else None,
-        normalization=args.normalization,
-        swiglu=args.swiglu,
-        bias_linear=not args.disable_bias_linear,
-        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
-        num_experts=args.num_experts,
-        mtp_num_layers=args.mtp_config.num_layers,
-        mtp_mode=args.mtp_config.mode,
-    )
 
 
 def _print(message: str) -> None:

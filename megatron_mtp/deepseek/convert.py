@@ -8,7 +8,7 @@ global shapes and chunking come from the model's own ``sharded_state_dict`` at T
 device (no memory): torch_dist stores global tensors, so the checkpoint loads at any TP/PP/EP. The model is built
 with the local spec, on any host: its checkpoint keys are TransformerEngine's (:mod:`megatron_mtp.checkpoint_names`),
 so the checkpoint loads with either spec. The common state holds the HF ``config.json`` (``hf_config``) so export
-needs nothing else.
+needs nothing else, and the model signature the pretrain script's ``--load`` / ``--finetune`` checks.
 
 Export loads the checkpoint a group at a time and streams bf16 safetensors shards (the router's expert bias stays
 float32, as DeepSeek stores it) with an index, including the MTP layers' copies of ``embed_tokens`` and
@@ -36,6 +36,7 @@ from megatron_mtp.deepseek.hf_config import load_hf_config
 from megatron_mtp.deepseek.mapping import TensorMapping, mtp_shared_copies, tensor_mappings
 from megatron_mtp.deepseek.safetensors_io import PlannedTensor, StreamingSafetensorsWriter
 from megatron_mtp.deepseek.torch_dist_stream import StreamingDistCheckpointWriter, load_group
+from megatron_mtp.deepseek.training import checkpoint_signature
 from megatron_mtp.training.checkpointing import TRACKER_FILE, iteration_dir, latest_iteration
 
 HF_FLOAT32_SUFFIXES = ("e_score_correction_bias",)
@@ -95,7 +96,14 @@ def import_hf_checkpoint(
                         + ", ".join(f"{name} ({reader.weight_map[name]})" for name in leftovers[:20])
                         + (" ..." if len(leftovers) > 20 else "")
                     )
-                writer.finish(dict(iteration=0, train_state=dict(consumed_samples=0), hf_config=config))
+                writer.finish(
+                    dict(
+                        iteration=0,
+                        train_state=dict(consumed_samples=0),
+                        hf_config=config,
+                        signature=checkpoint_signature(config),
+                    )
+                )
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

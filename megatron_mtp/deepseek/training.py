@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron_mtp.deepseek.hf_config import load_hf_config, megatron_configs
 from megatron_mtp.deepseek.model import build_model as build_deepseek_model
 from megatron_mtp.model import MTPGPTModel
+from megatron_mtp.training.checkpointing import model_signature
 
 
 def architecture_flags(hf: dict) -> dict:
@@ -41,6 +42,12 @@ def architecture_flags(hf: dict) -> dict:
         mtp_num_layers=configs.mtp.num_layers,
         mtp_mode="sequential",
     )
+
+
+def checkpoint_signature(hf: dict) -> dict:
+    """The model signature a pretrain run with ``--hf-config`` for ``hf`` checks a ``--load`` checkpoint against."""
+    flags = architecture_flags(hf)
+    return model_signature(argparse.Namespace(**flags, max_position_embeddings=None), hf["vocab_size"])
 
 
 def apply_hf_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Optional[List[str]]) -> None:
@@ -98,7 +105,8 @@ def build_model(args: argparse.Namespace, config: MLATransformerConfig, use_tran
 
 def _explicit_flags(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> dict:
     """The flags given on the command line, by dest, with their values."""
-    probe = copy.deepcopy(parser)  # its actions' defaults change; the run's parser keeps its own
+    probe = copy.deepcopy(parser)  # its defaults change; the run's parser keeps its own
     for action in probe._actions:
         action.default = argparse.SUPPRESS
+    probe._defaults.clear()  # set_defaults(mtp_num_layers=1) would otherwise read as given
     return vars(probe.parse_known_args(argv)[0])

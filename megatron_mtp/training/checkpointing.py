@@ -12,6 +12,7 @@ without TE neither saves nor needs, may be absent.
 import os
 import random
 import shutil
+import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -91,12 +92,33 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, train_state: D
     return final
 
 
+def model_signature(args, vocab_size: int) -> Dict[str, Any]:
+    """What a checkpoint must match to be loaded into a run (shapes and MTP structure).
+
+    ``args``: the pretrain script's flags by argparse dest (a namespace); ``vocab_size``: the padded vocabulary.
+    """
+    return dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        padded_vocab_size=vocab_size,
+        position_embedding_type=args.position_embedding_type,
+        max_position_embeddings=args.max_position_embeddings if args.position_embedding_type == "learned_absolute" else None,
+        normalization=args.normalization,
+        swiglu=args.swiglu,
+        bias_linear=not args.disable_bias_linear,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        num_experts=args.num_experts,
+        mtp_num_layers=args.mtp_num_layers or 0,
+        mtp_mode=args.mtp_mode,
+    )
+
+
 def load_checkpoint(root, model, optimizer, scheduler, signature: Dict[str, Any]) -> Tuple[int, Dict[str, Any]]:
     """Restore model, optimizer, LR schedule and (same topology) RNG. Returns (iteration, train_state)."""
-    iteration = latest_iteration(root)
-    directory = iteration_dir(root, iteration)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"--load {root}: {TRACKER_FILE} names iteration {iteration} but {directory} is missing")
+    _, directory = _latest_checkpoint(root)
     common = dist_checkpointing.load_common_state_dict(directory)
     _check_signature(root, directory, common.get("signature", {}), signature)
     _check_optimizer_can_resume(root, optimizer)
@@ -119,14 +141,24 @@ def load_checkpoint(root, model, optimizer, scheduler, signature: Dict[str, Any]
     return common["iteration"], common["train_state"]
 
 
-def load_model_weights(root: str, model) -> int:
+def load_model_weights(root: str, model, signature: Optional[Dict[str, Any]] = None) -> int:
     """Load the model's weights only, as Megatron-LM's ``--finetune`` (``--no-load-optim --no-load-rng``): for a
     checkpoint without optimizer, scheduler or RNG state, such as one converted from Hugging Face. Any TP/PP/EP.
-    Returns the checkpoint's iteration; the caller starts training afresh."""
-    iteration = latest_iteration(root)
-    directory = iteration_dir(root, iteration)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"--load {root}: {TRACKER_FILE} names iteration {iteration} but {directory} is missing")
+    Returns the checkpoint's iteration; the caller starts training afresh.
+
+    With ``signature``, a checkpoint recording another signature is refused, naming the differences. One that
+    records none (written by another tool, e.g. Megatron-LM) loads with a warning: ``dist_checkpointing`` still
+    refuses missing tensors and wrong global shapes, but not a same-shaped difference such as the MTP mode."""
+    iteration, directory = _latest_checkpoint(root)
+    if signature is not None:
+        common = dist_checkpointing.load_common_state_dict(directory)
+        if "signature" in common:
+            _check_signature(root, directory, common["signature"], signature)
+        else:
+            warnings.warn(
+                f"--load {root}: {directory} records no model signature (not written by this project's pretrain "
+                "script or converter); only its tensor names and shapes are checked against this model"
+            )
     loaded = _load({"model": model.sharded_state_dict(metadata=_metadata())}, directory, root)
     with torch.no_grad():
         _load_model_state(model, loaded["model"], root)
@@ -154,6 +186,15 @@ def _load_model_state(model, state: Dict[str, Any], root: str) -> None:
             f"--load {root}: the loaded state does not fit the model: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
+
+
+def _latest_checkpoint(root: str) -> Tuple[int, str]:
+    """(iteration, directory) of the checkpoint the tracker file names."""
+    iteration = latest_iteration(root)
+    directory = iteration_dir(root, iteration)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"--load {root}: {TRACKER_FILE} names iteration {iteration} but {directory} is missing")
+    return iteration, directory
 
 
 def _check_optimizer_can_resume(root: str, optimizer) -> None:

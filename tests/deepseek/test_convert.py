@@ -24,6 +24,10 @@ from megatron_mtp.deepseek.convert import export_hf_checkpoint, import_hf_checkp
 from megatron_mtp.deepseek.hf_checkpoint import CheckpointError, dequantize_fp8_blockwise
 from megatron_mtp.deepseek.load import load_hf_state_dict
 from megatron_mtp.deepseek.model import build_model
+from megatron_mtp.data.datasets import MicroBatchIterator
+from megatron_mtp.data.tokenizers import build_tokenizer
+from megatron_mtp.pretrain import build_datasets
+from megatron_mtp.training.arguments import parse_args
 from megatron_mtp.training.checkpointing import load_model_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -324,13 +328,27 @@ def test_pretrain_finetunes_from_an_imported_checkpoint_and_its_save_exports(tmp
         "1e-2",
         "--save",
         trained,
+        "--json-log",
+        str(tmp_path / "log.jsonl"),
     ]
     command += ["--data-cache-dir", os.path.join(os.path.expanduser("~"), ".cache", "megatron_mtp")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"loaded model weights from {root}; training starts at iteration 0" in result.stdout
-    losses = [float(line.split("lm loss ")[1].split()[0]) for line in result.stdout.splitlines() if "lm loss " in line]
-    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses), result.stdout
+    assert "records no model signature" not in result.stderr  # the import wrote the one the run checks
+    with open(tmp_path / "log.jsonl") as f:
+        losses = [record["lm_loss"] for record in map(json.loads, f)]
+    # The first step's loss is the imported weights' on the first batch: transformers computes it from the HF files.
+    assert len(losses) == 2
+    expected = transformers_lm_loss(hf_dir, first_batch(command[3:]), tmp_path / "hf_bf16")
+    assert losses[0] == pytest.approx(expected, abs=1e-4)
+
+    no_mtp = tmp_path / "no_mtp.json"  # same tensor shapes, no MTP layer: only the signature tells them apart
+    no_mtp.write_text(json.dumps(tiny_config(vocab_size=384, num_nextn_predict_layers=0)))
+    mismatch = subprocess.run(
+        [*command[:3], "--hf-config", str(no_mtp), *command[5:]], capture_output=True, text=True, timeout=300
+    )
+    assert mismatch.returncode != 0 and "mtp_num_layers: checkpoint 1, this run 0" in mismatch.stderr, mismatch.stderr
 
     with pytest.raises(CheckpointError, match="records no HF config"):
         export_hf_checkpoint(trained, out)
@@ -342,3 +360,29 @@ def test_pretrain_finetunes_from_an_imported_checkpoint_and_its_save_exports(tmp
     assert "model.layers.3.eh_proj.weight" in changed and "lm_head.weight" in changed, changed
     assert torch.equal(exported["model.layers.3.embed_tokens.weight"], exported["model.embed_tokens.weight"])
     assert torch.equal(exported["model.layers.3.shared_head.head.weight"], exported["lm_head.weight"])
+
+
+def first_batch(flags: list) -> dict:
+    """The first micro-batch a one-process pretrain run with ``flags`` trains on."""
+    args = parse_args(flags)
+    _, train_set, _ = build_datasets(args, build_tokenizer(args.tokenizer_type, args.tokenizer_model), args.micro_batch_size)
+    return next(MicroBatchIterator(train_set, 0, args.micro_batch_size, 0, 1))
+
+
+def transformers_lm_loss(hf_dir: str, batch: dict, scratch) -> float:
+    """Mean next-token loss of transformers' DeepseekV3ForCausalLM (fp32) on ``batch``, from the dequantized files
+    of ``hf_dir`` (transformers loads them its own way; its model has no MTP layer, whose tensors it skips)."""
+    from transformers import AutoModelForCausalLM
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = {key: value for key, value in json.load(f).items() if key != "quantization_config"}
+    os.makedirs(scratch)
+    with open(os.path.join(scratch, "config.json"), "w") as f:
+        json.dump(config, f)
+    save_file(dequantized_hf_state(hf_dir), os.path.join(scratch, "model.safetensors"), metadata={"format": "pt"})
+    model = AutoModelForCausalLM.from_pretrained(str(scratch), dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = model(batch["tokens"], position_ids=batch["position_ids"]).logits
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+    mask = batch["loss_mask"].flatten()
+    return ((per_token * mask).sum() / mask.sum()).item()

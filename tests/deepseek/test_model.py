@@ -8,6 +8,7 @@ module: ``eh_proj(cat(enorm(embed(next tokens)), hnorm(h))) -> decoder layer -> 
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -388,6 +389,13 @@ def test_hf_config_flag_sets_the_architecture(hf_config_file):
     )
 
 
+@pytest.mark.parametrize("depths", [0, 2])
+def test_hf_config_flag_takes_the_mtp_depth_of_the_config(tmp_path, depths):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_config(num_nextn_predict_layers=depths)))
+    assert parse_args(["--hf-config", str(path)]).mtp_config.num_layers == depths
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -427,20 +435,28 @@ def test_pretrain_trains_the_hf_config_model(tmp_path):
         "--micro-batch-size",
         "2",
         "--log-interval",
-        "2",
+        "1",
         "--eval-interval",
         "0",
         "--lr-warmup-iters",
         "1",
         "--data-cache-dir",
         os.path.join(os.path.expanduser("~"), ".cache", "megatron_mtp"),
+        "--json-log",
+        str(tmp_path / "log.jsonl"),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = [
-        float(line.split("lm loss ")[1].split()[0])
-        for line in result.stdout.splitlines()
-        if line.startswith("iteration")
-    ]
-    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses), result.stdout
     assert "MTP sequential D=1" in result.stdout
+    with open(tmp_path / "log.jsonl") as f:
+        log = {record["iteration"]: record for record in map(json.loads, f)}
+    assert sorted(log) == [1, 2, 3, 4]
+    # Untrained, the untied output layer's rows are N(0, std^2), independent of the final norm's output x (RMS 1,
+    # |x|^2 = hidden): every logit is N(0, s^2) with s = std * sqrt(hidden), and the expected cross-entropy is
+    # E[logsumexp] = ln V + s^2 / 2, for the main and the MTP head alike. The batch mean of the label's logit has
+    # a standard deviation of s at most (all its tokens alike); allow 2 s. Iteration 1 runs before any step.
+    vocab, hidden, std = 384, 64, 0.02
+    s = std * math.sqrt(hidden)
+    for key in ("lm_loss", "mtp_1_loss"):
+        assert log[1][key] == pytest.approx(math.log(vocab) + s**2 / 2, abs=2 * s), (key, log[1][key])
+    assert log[4]["lm_loss"] < log[1]["lm_loss"] - 0.1, "3 steps should have lowered the loss"

@@ -1,6 +1,7 @@
 """TP=2, PP=2 (1F1B, several micro-batches) and TP=2 x PP=2 give one process's losses, MTP metrics and
-gradients, for both MTP modes; SP at TP=2; MTP only on the last stage; embedding copies stay equal
-after optimizer steps. Each test spawns one gloo world and runs several cases in it.
+gradients, for both MTP modes; SP at TP=2; MTP only on the last stage. Under PP (the only place a rank holds a
+second copy of the word embedding) the copies stay equal after optimizer steps, shard by shard. Each test spawns
+one gloo world and runs several cases in it.
 
 The one-process reference uses the plain MTP loss (full logits); the parallel runs use the chunked loss
 (5-token chunks, which do not divide the tokens), alternating gradients-in-forward and recomputation, so
@@ -83,7 +84,7 @@ def _parallel_run(cases, references, microbatches, optimizer_steps):
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     out = []
-    for case_index, ((mode, sp, tied), reference) in enumerate(zip(cases, references)):
+    for case_index, ((mode, sp, tied), reference) in enumerate(zip(cases, references, strict=True)):
         mtp = _mtp_config((mode, sp, tied), case_index, reference=False)
         config = transformer_config(mtp, tp=tp, pp=pp, sp=sp)
         model = build_model(config, mtp, tied=tied)
@@ -95,6 +96,7 @@ def _parallel_run(cases, references, microbatches, optimizer_steps):
         result = dict(
             last_stage=parallel_state.is_pipeline_last_stage(),
             first_stage=parallel_state.is_pipeline_first_stage(),
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
             mtp_params=sorted(name for name in global_names(model) if name.startswith("mtp.")),
             losses=losses,
             stats=stats.values,
@@ -131,8 +133,8 @@ def _mean_losses(reports):
 
 
 def _check(rank_results, references, cases):
-    for case_index, (case, reference) in enumerate(zip(cases, references)):
-        mode, _, tied = case
+    assert all(len(results) == len(cases) for results in rank_results), [len(results) for results in rank_results]
+    for case_index, (case, reference) in enumerate(zip(cases, references, strict=True)):
         for rank, results in enumerate(rank_results):
             result = results[case_index]
             bad = {name: diff for name, diff in result["grad_diffs"].items() if diff > 1e-5}
@@ -144,19 +146,32 @@ def _check(rank_results, references, cases):
             else:
                 assert not result["mtp_params"], f"{case} rank {rank}: MTP parameters off the last stage"
                 assert result["losses"] == []
-        if mode == "sequential" or tied:
-            firsts = [r[case_index] for r in rank_results if r[case_index]["first_stage"] and not r[case_index]["last_stage"]]
-            lasts = [r[case_index] for r in rank_results if r[case_index]["last_stage"] and not r[case_index]["first_stage"]]
-            for first, last in zip(firsts, lasts):  # ranks are ordered TP-fastest, so shards pair up
-                assert "embedding" in first and "embedding" in last, f"{case}: missing embedding copy"
+
+
+def _check_embedding_copies(rank_results, cases, tp):
+    """PP=2 after optimizer steps: the last stage holds a copy of the word embedding where sequential MTP embeds
+    its input or the output layer is tied; each copy equals the first stage's shard of the same TP rank."""
+    for case_index, (mode, _, tied) in enumerate(cases):
+        results = [r[case_index] for r in rank_results]
+        firsts = {r["tp_rank"]: r for r in results if r["first_stage"] and not r["last_stage"]}
+        lasts = {r["tp_rank"]: r for r in results if r["last_stage"] and not r["first_stage"]}
+        stages = [(r["first_stage"], r["last_stage"], r["tp_rank"]) for r in results]
+        assert len(results) == 2 * tp and sorted(firsts) == sorted(lasts) == list(range(tp)), (mode, tied, stages)
+        for tp_rank in range(tp):
+            first, last = firsts[tp_rank], lasts[tp_rank]
+            assert "embedding" in first, (mode, tied, tp_rank)
+            assert ("embedding" in last) == (mode == "sequential" or tied), (mode, tied, tp_rank)
+            if "embedding" in last:
                 torch.testing.assert_close(first["embedding"], last["embedding"], atol=0, rtol=0)
 
 
 def _run(cases, world, tp, pp, optimizer_steps=0):
     references = _reference(cases, MICROBATCHES)
     rank_results = run_world(_parallel_run, world, cases, references, MICROBATCHES, optimizer_steps, tp=tp, pp=pp)
+    assert len(rank_results) == world
     _check(rank_results, references, cases)
-    return rank_results
+    if optimizer_steps:
+        _check_embedding_copies(rank_results, cases, tp)
 
 
 def test_tensor_parallel_with_and_without_sequence_parallel(single_process):
@@ -164,10 +179,7 @@ def test_tensor_parallel_with_and_without_sequence_parallel(single_process):
 
 
 def test_pipeline_parallel_1f1b_and_embedding_copies_after_optimizer_steps(single_process):
-    rank_results = _run(PP_CASES, world=2, tp=1, pp=2, optimizer_steps=2)
-    for case_index, (mode, _, tied) in enumerate(PP_CASES):
-        has_copy = ["embedding" in rank_results[rank][case_index] for rank in range(2)]
-        assert has_copy == [True, mode == "sequential" or tied], (mode, tied, has_copy)
+    _run(PP_CASES, world=2, tp=1, pp=2, optimizer_steps=2)
 
 
 def test_tensor_and_pipeline_parallel(single_process):

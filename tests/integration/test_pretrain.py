@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import free_port
 
@@ -60,21 +61,40 @@ def read_log(path, split="train"):
         return {r["iteration"]: r for r in map(json.loads, f) if r["split"] == split}
 
 
+@pytest.fixture(scope="module")
+def initial_weights(tiny_data, tmp_path_factory):
+    """A one-process checkpoint to start from: each PP stage initializes its layers from another RNG state."""
+    save = tmp_path_factory.mktemp("initial") / "ckpt"
+    run(1, ["--train-iters", "1", "--lr-warmup-iters", "0", "--save", str(save)], tiny_data)
+    return ["--load", str(save), "--finetune"]
+
+
+@pytest.fixture(scope="module")
+def one_process_log(tiny_data, tmp_path_factory, initial_weights):
+    """The training metrics of 4 steps from ``initial_weights`` on one process: the parallel runs' reference."""
+    log = tmp_path_factory.mktemp("one_process") / "log.jsonl"
+    run(1, ["--train-iters", "4", *initial_weights, "--json-log", str(log)], tiny_data)
+    return read_log(log)
+
+
 @pytest.mark.parametrize(
     "parallel",
     [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"], ["--use-distributed-optimizer"]],
+    ids=["tp2", "pp2", "dp2-distributed-optimizer"],
 )
-def test_two_process_run_trains_and_saves(tiny_data, tmp_path, parallel):
+def test_two_process_run_trains_like_one_process_and_saves(tiny_data, tmp_path, parallel, initial_weights, one_process_log):
     save = tmp_path / "ckpt"
-    out = run(2, [*parallel, "--train-iters", "4", "--save", str(save), "--save-interval", "2",
+    out = run(2, [*parallel, "--train-iters", "4", *initial_weights, "--save", str(save), "--save-interval", "2",
                   "--json-log", str(tmp_path / "log.jsonl"), "--tensorboard-dir", str(tmp_path / "tb")], tiny_data)
     assert "iteration 4/4 | lm loss" in out.stdout and "mtp_2 loss" in out.stdout
     assert f"saved checkpoint at iteration 4 to {save}/iter_0000004" in out.stdout
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "4"
     assert sorted(p.name for p in save.iterdir() if p.name.startswith("iter_")) == ["iter_0000002", "iter_0000004"]
     log = read_log(tmp_path / "log.jsonl")
-    assert sorted(log) == [1, 2, 3, 4]
-    assert all(0 < log[i]["mtp_1_loss"] < 10 and 0 <= log[i]["mtp_2_acc"] <= 1 for i in log)
+    assert sorted(log) == sorted(one_process_log) == [1, 2, 3, 4]
+    for iteration in log:
+        for key in ("lm_loss", "mtp_1_loss", "mtp_2_loss", "mtp_1_acc", "mtp_2_acc", "grad_norm"):
+            assert log[iteration][key] == pytest.approx(one_process_log[iteration][key], abs=1e-5), (iteration, key)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
 
 
@@ -212,3 +232,25 @@ def test_bad_data_and_checkpoints_fail_clearly(tiny_data, tmp_path):
     assert distributed.returncode != 0 and "--use-distributed-optimizer needs TransformerEngine or apex" in distributed.stderr
     mode = run(1, ["--train-iters", "4", "--load", str(save), "--mtp-mode", "parallel"], tiny_data, check=False)
     assert mode.returncode != 0 and "mtp_mode: checkpoint 'sequential', this run 'parallel'" in mode.stderr
+
+
+def test_finetune_checks_the_model_signature(tiny_data, tmp_path):
+    save = tmp_path / "ckpt"
+    run(1, ["--train-iters", "3", "--save", str(save)], tiny_data)
+    other = ["--hidden-size", "32", "--mtp-num-layers", "1", "--mtp-mode", "parallel"]
+    mismatch = run(1, ["--train-iters", "3", "--load", str(save), "--finetune", *other], tiny_data, check=False)
+    assert mismatch.returncode != 0 and "saved for a different model" in mismatch.stderr
+    for difference in ("hidden_size: checkpoint 64, this run 32", "mtp_num_layers: checkpoint 2, this run 1",
+                       "mtp_mode: checkpoint 'sequential', this run 'parallel'"):
+        assert difference in mismatch.stderr, mismatch.stderr[-3000:]
+
+    # A checkpoint from another tool records no signature: it loads with a warning, names and shapes still checked.
+    common = save / "iter_0000003" / "common.pt"
+    state = torch.load(common, weights_only=False)
+    del state["signature"]
+    torch.save(state, common)
+    unsigned = run(1, ["--train-iters", "3", "--load", str(save), "--finetune"], tiny_data)
+    assert "records no model signature" in unsigned.stderr and "training starts at iteration 0" in unsigned.stdout
+    shape = run(1, ["--train-iters", "3", "--load", str(save), "--finetune", "--hidden-size", "32"], tiny_data, check=False)
+    assert shape.returncode != 0 and "records no model signature" in shape.stderr
+    assert "Global shape mismatch" in shape.stderr, shape.stderr[-3000:]

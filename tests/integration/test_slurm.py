@@ -1,18 +1,21 @@
 """examples/slurm/pretrain_gpt_mtp.sbatch submitted to a real single-node Slurm cluster (CPU, gloo).
 
 The module fixture installs Debian's slurm-wlm and munge when missing (root + apt-get; skipped otherwise),
-starts munged, slurmctld and slurmd, and stops them after the module. The jobs run 2 processes on one node:
-- the real pretraining (`-m megatron_mtp.pretrain`, TP=2, 4 iterations, checkpoint at iteration 4);
-- a small rendezvous program for each launch mode of the script (torchrun static / c10d, one srun task per rank)
-  that all-reduces across the ranks and writes the same output lines and checkpoint markers.
+starts munged, slurmctld and slurmd, and stops them after the module. Each launch mode of the script (torchrun
+with the static or the c10d rendezvous, one srun task per rank) runs the real pretraining (`-m megatron_mtp.pretrain`)
+on 2 processes at TP=2 for 2 iterations and saves a checkpoint. The losses and gradient norms it logs must equal,
+bit for bit, those of the same run started directly with torchrun, outside Slurm.
 """
 
+import json
+import os
 import socket
+import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -22,44 +25,40 @@ REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "examples" / "slurm" / "pretrain_gpt_mtp.sbatch"
 JOB_TIMEOUT = 600
 NPROC = 2
+ITERS = 2
 
 TINY_GPT = [
     "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1",
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
     "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--mtp-num-layers", "1",
-    "--lr-warmup-iters", "1",  # the trainer's default warm-up (20) must be shorter than the 4 iterations
-    "--train-iters", "4", "--save-interval", "4", "--log-interval", "1",
+    "--lr-warmup-iters", "1",  # the trainer's default warm-up (20) must be shorter than the run
+    "--train-iters", str(ITERS), "--log-interval", "1", "--eval-interval", "0",
 ]
+LOGGED = ("lm_loss", "mtp_1_loss", "mtp_1_acc", "grad_norm")
 
-# Stands in for the trainer's launch contract: ranks from the environment, one collective, the trainer's output
-# lines from the last rank, Megatron-style checkpoint markers from rank 0.
-RENDEZVOUS_PROGRAM = textwrap.dedent('''\
-    import argparse, os, socket
-    import torch
-    import torch.distributed as dist
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--save", required=True)
-    parser.add_argument("--train-iters", type=int, required=True)
-    args, _ = parser.parse_known_args()
-    dist.init_process_group("gloo")  # env://: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
-    rank, world = dist.get_rank(), dist.get_world_size()
-    assert rank == int(os.environ["RANK"]) and world == int(os.environ["WORLD_SIZE"])
-    print(f"rank {rank}/{world} local_rank {os.environ['LOCAL_RANK']} on {socket.gethostname()}", flush=True)
-    total = torch.tensor([float(rank + 1)])
-    dist.all_reduce(total)
-    assert total.item() == world * (world + 1) / 2, total
-    iteration = args.train_iters
-    if rank == 0:
-        os.makedirs(os.path.join(args.save, f"iter_{iteration:07d}"), exist_ok=True)
-        with open(os.path.join(args.save, "latest_checkpointed_iteration.txt"), "w") as f:
-            f.write(str(iteration))
-    dist.barrier()
-    if rank == world - 1:
-        print(f"iteration {iteration}/{args.train_iters} | all-reduce sum {total.item():g} | world {world}", flush=True)
-        print(f"saved checkpoint at iteration {iteration} to {args.save}", flush=True)
-    dist.destroy_process_group()
-''')
+def outputs(directory: Path):
+    """Flags that send the run's checkpoint and JSON log into ``directory``."""
+    return ["--save", str(directory / "ckpt"), "--json-log", str(directory / "log.jsonl")]
+
+
+def logged(directory: Path) -> dict:
+    """{iteration: {metric: value}} of the training steps in the run's JSON log."""
+    with open(directory / "log.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    return {r["iteration"]: {k: r[k] for k in LOGGED} for r in records if r["split"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def direct_run(tmp_path_factory):
+    """The same training started with torchrun in this process's environment: the reference."""
+    directory = tmp_path_factory.mktemp("direct")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={NPROC}",
+               f"--master-port={free_port()}", "-m", "megatron_mtp.pretrain", *TINY_GPT, *outputs(directory)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # the sbatch script's thread count
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return logged(directory)
 
 
 @pytest.fixture(scope="module")
@@ -95,29 +94,20 @@ def run_job(cluster, name, args, env):
     return job
 
 
-def assert_trained_and_saved(job, ckpt: Path, iters: int = 4):
+@pytest.mark.parametrize("launcher,rdzv", [("torchrun", "static"), ("torchrun", "c10d"), ("srun", "static")])
+def test_sbatch_launch_modes_train_like_a_direct_run(slurm, direct_run, tmp_path, launcher, rdzv):
+    # The model flags through PRETRAIN_ARGS, the output paths as the script's own arguments: both ways in.
+    env = job_env(LAUNCHER=launcher, RDZV_BACKEND=rdzv, PRETRAIN_ARGS=" ".join(TINY_GPT))
+    job = run_job(slurm, f"mtp-{launcher}-{rdzv}", outputs(tmp_path), env)
     report = f"job {job.job_id}: state {job.state}, exit {job.exit_code}\n---- job output ----\n{job.output}"
     assert job.succeeded, report
-    lines = job.output.splitlines()
-    assert any(line.startswith(f"iteration {iters}/{iters}") for line in lines), report
-    assert f"saved checkpoint at iteration {iters}" in job.output, report
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(iters), report
-    assert (ckpt / f"iter_{iters:07d}").is_dir(), report
+    assert f"launcher={launcher}" in job.output and f"world {NPROC} (TP 2, PP 1, DP 1)" in job.output, report
 
-
-def test_sbatch_pretrain_tp2_cpu(slurm, tmp_path):
     ckpt = tmp_path / "ckpt"
-    job = run_job(slurm, "mtp-pretrain", [*TINY_GPT, "--save", str(ckpt)], job_env())
-    assert_trained_and_saved(job, ckpt)
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(ITERS), report
+    common = torch.load(ckpt / f"iter_{ITERS:07d}" / "common.pt", weights_only=False)
+    assert (common["iteration"], common["train_state"]) == (ITERS, {"consumed_samples": ITERS * 4}), common
+    assert (ckpt / f"iter_{ITERS:07d}" / ".metadata").is_file(), report
 
-
-@pytest.mark.parametrize("launcher,rdzv", [("torchrun", "static"), ("torchrun", "c10d"), ("srun", "static")])
-def test_sbatch_launch_modes_rendezvous(slurm, tmp_path, launcher, rdzv):
-    program = tmp_path / "rendezvous.py"
-    program.write_text(RENDEZVOUS_PROGRAM)
-    ckpt = tmp_path / "ckpt"
-    env = job_env(PRETRAIN_SCRIPT=str(program), LAUNCHER=launcher, RDZV_BACKEND=rdzv,
-                  PRETRAIN_ARGS=f"--train-iters 4 --save {ckpt}")
-    job = run_job(slurm, f"rdzv-{launcher}-{rdzv}", [], env)
-    assert_trained_and_saved(job, ckpt)
-    assert job.output.count(f"/{NPROC} local_rank") == NPROC, job.output
+    assert sorted(direct_run) == list(range(1, ITERS + 1)), direct_run
+    assert logged(tmp_path) == direct_run, report

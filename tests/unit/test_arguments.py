@@ -50,6 +50,15 @@ def test_works_as_extra_args_provider_on_a_parser_that_has_megatrons_flags():
     assert config.num_layers == 1
 
 
+@pytest.mark.parametrize("flag", ["--num-layers-per-virtual-pipeline-stage", "--num-virtual-stages-per-pipeline-rank"])
+def test_megatron_lm_virtual_pipeline_flags_are_refused(flag, capsys):
+    parser = argparse.ArgumentParser(prog="megatron")
+    parser.add_argument(flag, type=int, default=None)
+    with pytest.raises(SystemExit):
+        _parse(["--mtp-num-layers", "1", flag, "2"], parser)
+    assert f"{flag} 2: virtual pipeline stages (interleaved 1F1B) are not supported" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -80,6 +89,10 @@ def test_contradictory_flags_fail_at_parse_time_naming_the_flags(argv, message, 
         (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], "must be divisible by --pipeline-model-parallel-size"),
         (["--data-path", "0.5", "a", "b"], "WEIGHT PREFIX pairs"),
         (["--num-experts", "4", "--moe-per-layer-logging"], "--moe-per-layer-logging writes to TensorBoard"),
+        (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+         "--num-layers-per-virtual-pipeline-stage 1: virtual pipeline stages (interleaved 1F1B) are not supported"),
+        (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"],
+         "--num-virtual-stages-per-pipeline-rank 2: virtual pipeline stages (interleaved 1F1B) are not supported"),
     ],
 )
 def test_pretrain_flag_errors(argv, message, capsys):
