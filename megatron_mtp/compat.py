@@ -37,6 +37,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
 from megatron.core.dist_checkpointing.utils import apply_prefix_mapping, extract_nonpersistent, extract_sharded_base
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper, get_mtp_layer_offset  # noqa: F401
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -71,7 +72,7 @@ CHECKPOINT_INNER_LAYER = "transformer_layer"
 """Name of an MTP layer's transformer layer in torch_dist checkpoints, in every release."""
 
 
-def mtp_transformer_layer_args(config: TransformerConfig, depth: int, vp_stage: Optional[int]) -> dict:
+def _mtp_transformer_layer_args(config: TransformerConfig, depth: int, vp_stage: Optional[int]) -> dict:
     """Keyword arguments numbering the transformer layer of MTP depth (or parallel head) ``depth`` (1-based).
 
     The layer ends up numbered ``config.num_layers + depth`` (plus Megatron-Core's MTP offset under a custom
@@ -90,7 +91,12 @@ class MTPLayerModule(MegatronModule):
     use ``transformer_layer`` in every release, so checkpoints move between releases.
     """
 
-    def _set_inner_layer(self, layer: MegatronModule) -> None:
+    def _build_inner_layer(self, spec, config: TransformerConfig, depth: int, pg_collection, vp_stage) -> None:
+        """Build the transformer layer of depth (or head) ``depth`` from ``spec``, numbered as Megatron-Core's."""
+        layer = build_module(
+            spec, config=config, pg_collection=pg_collection, vp_stage=vp_stage,
+            **_mtp_transformer_layer_args(config, depth, vp_stage),
+        )
         self.add_module(MTP_INNER_LAYER, layer)
 
     @property

@@ -20,7 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
 
-from megatron_mtp.compat import MTPLayerModule, mtp_transformer_layer_args, untrack_moe_router
+from megatron_mtp.compat import MTPLayerModule, untrack_moe_router
 
 
 @dataclass
@@ -42,15 +42,7 @@ class ParallelMTPHead(MTPLayerModule):
     ):
         super().__init__(config=config)
         self.depth = depth
-        self._set_inner_layer(
-            build_module(
-                submodules.transformer_layer,
-                config=config,
-                pg_collection=pg_collection,
-                vp_stage=vp_stage,
-                **mtp_transformer_layer_args(config, depth, vp_stage),
-            )
-        )
+        self._build_inner_layer(submodules.transformer_layer, config, depth, pg_collection, vp_stage)
         _untrack_aux_losses(self.inner_layer, config)
         self.final_layernorm = build_module(
             submodules.final_layernorm,

@@ -27,7 +27,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
 
-from megatron_mtp.compat import MTPLayerModule, mtp_transformer_layer_args
+from megatron_mtp.compat import MTPLayerModule
 
 
 @dataclass
@@ -69,15 +69,7 @@ class SequentialMTPLayer(MTPLayerModule):
             is_expert=False,
             tp_group=self.tp_group,
         )
-        self._set_inner_layer(
-            build_module(
-                submodules.transformer_layer,
-                config=config,
-                pg_collection=pg_collection,
-                vp_stage=vp_stage,
-                **mtp_transformer_layer_args(config, depth, vp_stage),
-            )
-        )
+        self._build_inner_layer(submodules.transformer_layer, config, depth, pg_collection, vp_stage)
         self.final_layernorm = build_module(submodules.final_layernorm, **norm_args)
 
     def forward(
