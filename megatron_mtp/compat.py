@@ -37,8 +37,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
 from megatron.core.dist_checkpointing.utils import apply_prefix_mapping, extract_nonpersistent, extract_sharded_base
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper, get_mtp_layer_offset
 from megatron.core.transformer.spec_utils import build_module
-from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper, get_mtp_layer_offset  # noqa: F401
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from packaging.version import Version
