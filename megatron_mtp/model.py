@@ -159,11 +159,13 @@ class MTPGPTModel(GPTModel):
         unchanged (inference contexts, last-token logits, output processors keep working), except that
         Megatron-Core's own MTP is kept out of it.
         """
+        kwargs["mtp_in_postprocess"] = False
+        if not self.post_process:  # an earlier pipeline stage: GPTModel hands the hidden states on
+            return super()._postprocess(hidden_states=hidden_states, **kwargs)
         call = self._mtp_call or _MTPCall()
         labels, loss_mask = kwargs.get("labels"), kwargs.get("loss_mask")
         run_mtp = (
-            self.post_process
-            and hasattr(self, "mtp")
+            hasattr(self, "mtp")
             and labels is not None
             and (self.training if call.compute_mtp is None else call.compute_mtp)
         )
@@ -175,7 +177,6 @@ class MTPGPTModel(GPTModel):
                 )
             # Before the main logits exist, so the MTP loss's transient buffers do not add to theirs.
             mtp_result = self._mtp_loss(hidden_states, call, **kwargs)
-        kwargs["mtp_in_postprocess"] = False
         with _main_predictions_recorded(self.output_layer, enabled=run_mtp and call.stats is not None) as main:
             with _without_megatron_mtp(self.config):
                 output = super()._postprocess(hidden_states=hidden_states, **kwargs)
