@@ -68,7 +68,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"training {sum(p.numel() for p in model.parameters()):,} parameters on this rank, "
         f"MTP {args.mtp_config.mode} D={args.mtp_config.num_layers}, world {dist.get_world_size()} "
         f"(TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}, DP {runtime.data_parallel_size}), "
-        f"{runtime.global_batch_size} samples x {args.seq_length} tokens per step, data {' '.join(data_path)}"
+        f"{runtime.global_batch_size} samples x {args.seq_length} tokens per step, {_precision(runtime)}, "
+        f"data {' '.join(data_path)}"
     )
 
     if args.skip_train:
@@ -224,6 +225,12 @@ def model_signature(args, vocab_size: int) -> Dict:
         mtp_num_layers=args.mtp_config.num_layers,
         mtp_mode=args.mtp_config.mode,
     )
+
+
+def _precision(runtime) -> str:
+    if not runtime.bf16:
+        return "fp32"
+    return f"bf16 parameters, fp32 main parameters, {'fp32' if runtime.grad_reduce_in_fp32 else 'bf16'} main_grad"
 
 
 def _print(message: str) -> None:

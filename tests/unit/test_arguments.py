@@ -78,6 +78,10 @@ def test_contradictory_flags_fail_at_parse_time_naming_the_flags(argv, message, 
         (["--save-interval", "5"], "--save-interval needs --save DIR"),
         (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], "must be divisible by --pipeline-model-parallel-size"),
         (["--data-path", "0.5", "a", "b"], "WEIGHT PREFIX pairs"),
+        (["--fp16"], "--fp16 is not supported"),
+        (["--fp32", "--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 needs bf16 parameters (--bf16)"),
+        (["--bf16", "--fp32"], "not allowed with argument"),
+        (["--accumulate-allreduce-grads-in-fp32", "--grad-reduce-in-bf16"], "not allowed with argument"),
     ],
 )
 def test_pretrain_flag_errors(argv, message, capsys):
