@@ -1,7 +1,7 @@
 """bf16 as Megatron-LM trains (bf16 parameters under ``Float16Module``, fp32 ``main_grad`` from Megatron-Core's
 DDP, fp32 main parameters in Megatron-Core's optimizer), one process: both MTP modes train, the chunked MTP loss
 agrees with the plain one, and bf16 agrees with an fp32 reference started from the same (bf16-representable)
-weights. The distributed optimizer at DP=2: tests/distributed/test_bf16.py.
+weights. The distributed optimizer at DP=2: tests/distributed/test_distributed_optimizer_bf16.py.
 
 Tolerances. bf16 keeps 8 significant bits: one rounding changes a value by up to u = 2^-8 (0.39%) of itself.
 - Losses: the cross-entropy runs in fp32 on bf16 logits in both loss paths, so chunked and plain see the same
