@@ -166,7 +166,7 @@ class MTPGPTModel(GPTModel):
         Megatron-Core's own MTP is kept out of it.
         """
         kwargs["mtp_in_postprocess"] = False
-        if not self.post_process:
+        if not self.post_process:  # an earlier pipeline stage: GPTModel hands the hidden states on
             return super()._postprocess(hidden_states=hidden_states, **kwargs)
         call = self._mtp_call or _MTPCall()
         labels, loss_mask = kwargs.get("labels"), kwargs.get("loss_mask")

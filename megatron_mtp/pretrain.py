@@ -64,7 +64,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"training {sum(p.numel() for p in model.parameters()):,} parameters on this rank, "
         f"MTP {args.mtp_config.mode} D={args.mtp_config.num_layers}, world {dist.get_world_size()} "
         f"(TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}, DP {runtime.data_parallel_size}), "
-        f"{runtime.global_batch_size} samples x {args.seq_length} tokens per step, data {' '.join(data_path)}"
+        f"{runtime.global_batch_size} samples x {args.seq_length} tokens per step, {_precision(runtime)}, "
+        f"data {' '.join(data_path)}"
     )
 
     if args.skip_train:
@@ -218,6 +219,12 @@ def save(args, iteration, model, optimizer, scheduler, consumed_samples, signatu
         args.save, iteration, model.module, optimizer, scheduler, {"consumed_samples": consumed_samples}, signature
     )
     _print(f"saved checkpoint at iteration {iteration} to {directory} ({time.time() - start:.1f} s)")
+
+
+def _precision(runtime) -> str:
+    if not runtime.bf16:
+        return "fp32"
+    return f"bf16 parameters, fp32 main parameters, {'fp32' if runtime.grad_reduce_in_fp32 else 'bf16'} main_grad"
 
 
 def _print(message: str) -> None:

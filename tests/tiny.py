@@ -13,8 +13,11 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import unwrap_model
 
 from megatron_mtp import cpu_bridge
 from megatron_mtp.config import MTPConfig
@@ -37,13 +40,16 @@ def transformer_config(
     num_layers: int = 4,
     num_experts: Optional[int] = None,
     moe_aux_loss_coeff: float = 0.0,
+    bf16: bool = False,
     **overrides,
 ) -> TransformerConfig:
-    """A small fp32 config; ``num_experts`` makes every decoder layer MoE (top-2, allgather dispatcher).
+    """A small config; ``num_experts`` makes every decoder layer MoE (top-2, allgather dispatcher).
 
     MoE router settings beyond the aux-loss coefficient (``moe_z_loss_coeff``,
-    ``moe_router_load_balancing_type``, ...) go in ``overrides``.
+    ``moe_router_load_balancing_type``, ...) go in ``overrides``. ``bf16``: bf16 parameters and pipeline
+    messages, as Megatron-LM's ``--bf16`` sets them; fp32 otherwise.
     """
+    dtype = torch.bfloat16 if bf16 else torch.float32
     moe = {}
     if num_experts:
         moe = dict(
@@ -69,7 +75,9 @@ def transformer_config(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         sequence_parallel=sp,
-        pipeline_dtype=torch.float32,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
         mtp_num_layers=mtp.megatron_mtp_num_layers,
         **moe,
     )
@@ -116,15 +124,39 @@ def build_megatron_core_model(config: TransformerConfig, tied: bool = False, pos
     )
 
 
-def wrap_ddp(model, config):
+def wrap_ddp(model, config, use_distributed_optimizer: bool = False):
+    """Megatron-Core DDP as Megatron-LM wraps a model; in bf16 around ``Float16Module``, with fp32 ``main_grad``
+    (Megatron-LM's default for bf16: gradients accumulated and reduced in fp32)."""
+    if config.bf16:
+        model = Float16Module(config, model)
     ddp = DistributedDataParallel(
         config=config,
-        ddp_config=DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False),
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=config.bf16,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=use_distributed_optimizer,
+        ),
         module=model,
     )
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     return ddp
+
+
+def adam(model, config, lr: float, use_distributed_optimizer: bool = False):
+    """Megatron-Core's Adam for a ``wrap_ddp`` model: fp32 main parameters in bf16 (sharded across data-parallel
+    ranks with ``use_distributed_optimizer``, which needs the DDP wrapped with it too), gradients clipped at 1."""
+    return get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=lr,
+            clip_grad=1.0,
+            bf16=config.bf16,
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=use_distributed_optimizer,
+        ),
+        [model],
+    )
 
 
 def make_batches(num_microbatches: int, seed: int = 0, fully_masked_microbatch: Optional[int] = None) -> List[dict]:
@@ -194,7 +226,7 @@ _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 def global_names(model) -> Dict[str, torch.nn.Parameter]:
     """Parameters by the name they have in a one-process model (decoder layers and experts made global)."""
-    core = model.module if hasattr(model, "module") else model
+    core = unwrap_model(model, (DistributedDataParallel, Float16Module))
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     names = {}
     for name, param in core.named_parameters():

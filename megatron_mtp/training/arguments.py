@@ -92,8 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=1234)
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if present.")
     precision = train.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="store_true", default=None, help="Default on GPU.")
+    precision.add_argument(
+        "--bf16", action="store_true", default=None,
+        help="bf16 parameters (Megatron-Core's Float16Module), fp32 main parameters in the optimizer. Default on GPU.",
+    )
+    precision.add_argument("--fp16", action="store_true", help="Not supported (it needs loss scaling): use --bf16.")
     precision.add_argument("--fp32", action="store_true", help="Default on CPU.")
+    grad_reduce = train.add_mutually_exclusive_group()
+    grad_reduce.add_argument(
+        "--accumulate-allreduce-grads-in-fp32", action="store_true",
+        help="Accumulate and all-reduce gradients (main_grad) in fp32: the default, with --bf16 as without.",
+    )
+    grad_reduce.add_argument(
+        "--grad-reduce-in-bf16", action="store_true",
+        help="With --bf16: accumulate and reduce gradients in bf16 instead (half the gradient buffer and traffic).",
+    )
 
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -153,6 +166,10 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     positive = ["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "train_iters",
                 "log_interval", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                 "expert_model_parallel_size"]
+    if args.fp16:
+        parser.error("--fp16 is not supported: fp16 needs loss scaling, which this script does not set up; use --bf16")
+    if args.grad_reduce_in_bf16 and args.fp32:
+        parser.error("--grad-reduce-in-bf16 needs bf16 parameters (--bf16), not --fp32")
     if args.finetune and not args.load:
         parser.error("--finetune loads model weights from --load; give --load")
     for name in positive:

@@ -13,7 +13,7 @@ import os
 import random
 import shutil
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -74,6 +74,7 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, train_state: D
         "iteration": iteration,
         "train_state": train_state,
         "signature": signature,
+        "optimizer_kinds": _optimizer_kinds(optimizer),
         "topology": _topology(),
     }
     save_torch_dist(state, staging)
@@ -122,6 +123,7 @@ def load_checkpoint(root, model, optimizer, scheduler, signature: Dict[str, Any]
     common = dist_checkpointing.load_common_state_dict(directory)
     _check_signature(root, directory, common.get("signature", {}), signature)
     _check_optimizer_can_resume(root, optimizer)
+    _check_optimizer_kinds(root, directory, common.get("optimizer_kinds"), optimizer)
     metadata = _metadata()
     model_state = model.sharded_state_dict(metadata=metadata)
     request = {
@@ -197,17 +199,34 @@ def _latest_checkpoint(root: str) -> Tuple[int, str]:
     return iteration, directory
 
 
+def _optimizer_kinds(optimizer) -> List[str]:
+    """Megatron-Core's optimizer classes in use (e.g. ``Float16OptimizerWithFloat16Params`` for bf16,
+    ``DistributedOptimizer``): each lays out its state in the checkpoint differently."""
+    return [type(part).__name__ for part in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
 def _check_optimizer_can_resume(root: str, optimizer) -> None:
     """Megatron-Core 0.16's distributed optimizer restores PyTorch Adam's state (used when neither
     TransformerEngine nor apex is installed) inexactly or not at all; refuse rather than resume wrongly."""
-    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 
-    parts = getattr(optimizer, "chained_optimizers", [optimizer])
-    if not HAVE_APEX_OR_TE and any(isinstance(part, DistributedOptimizer) for part in parts):
+    if not HAVE_APEX_OR_TE and "DistributedOptimizer" in _optimizer_kinds(optimizer):
         raise NotImplementedError(
             f"--load {root} with --use-distributed-optimizer needs TransformerEngine or apex: without them "
-            "Megatron-Core's distributed optimizer cannot restore the PyTorch Adam state exactly. "
-            "Resume without --use-distributed-optimizer, or install TransformerEngine."
+            "Megatron-Core's distributed optimizer cannot restore the PyTorch Adam state exactly. Install "
+            "TransformerEngine or apex, or load the model weights only with --finetune (a checkpoint saved "
+            "without --use-distributed-optimizer resumes exactly)."
+        )
+
+
+def _check_optimizer_kinds(root: str, directory: str, saved: Optional[List[str]], optimizer) -> None:
+    """Optimizer state saved by another kind of optimizer (bf16 vs fp32, distributed or not) does not load."""
+    current = _optimizer_kinds(optimizer)
+    if saved is not None and saved != current:
+        raise ValueError(
+            f"--load {root}: {directory} holds the state of {saved} optimizer(s), this run uses {current}: resume "
+            "with the precision (--bf16/--fp32) and --use-distributed-optimizer setting of the run that saved it, "
+            "or load the model weights only with --finetune"
         )
 
 

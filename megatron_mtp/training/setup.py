@@ -5,6 +5,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mtp import cpu_bridge
@@ -25,7 +27,8 @@ from megatron_mtp.model import MTPGPTModel
 @dataclass
 class Runtime:
     device: str  # "cpu" or "cuda"
-    bf16: bool
+    bf16: bool  # bf16 parameters, fp32 main parameters in the optimizer
+    grad_reduce_in_fp32: bool  # main_grad accumulated and reduced in fp32 (always in fp32 runs)
     data_parallel_size: int
     num_microbatches: int
     global_batch_size: int
@@ -68,8 +71,22 @@ def init_distributed(args: argparse.Namespace) -> Runtime:
             f"--global-batch-size {global_batch} must be a multiple of --micro-batch-size x data-parallel size "
             f"({args.micro_batch_size} x {data_parallel})"
         )
-    bf16 = args.bf16 if args.bf16 is not None else (device == "cuda" and not args.fp32)
-    return Runtime(device, bool(bf16), data_parallel, global_batch // (args.micro_batch_size * data_parallel), global_batch)
+    return Runtime(
+        device,
+        *precision(args, device),
+        data_parallel,
+        global_batch // (args.micro_batch_size * data_parallel),
+        global_batch,
+    )
+
+
+def precision(args: argparse.Namespace, device: str) -> Tuple[bool, bool]:
+    """(bf16, grad_reduce_in_fp32) as Megatron-LM sets them: bf16 by default on GPU only; gradients accumulated
+    and reduced in fp32 unless --grad-reduce-in-bf16."""
+    bf16 = bool(args.bf16 if args.bf16 is not None else (device == "cuda" and not args.fp32))
+    if args.grad_reduce_in_bf16 and not bf16:
+        raise ValueError("--grad-reduce-in-bf16 needs bf16 parameters: give --bf16 (the default on GPU only)")
+    return bf16, not args.grad_reduce_in_bf16
 
 
 def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
@@ -132,7 +149,8 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
 
 
 def build_model(args: argparse.Namespace, runtime: Runtime, config: TransformerConfig, vocab_size: int):
-    """This rank's MTPGPTModel stage, wrapped in Megatron-Core DDP."""
+    """This rank's MTPGPTModel stage, wrapped in Megatron-Core DDP (around ``Float16Module`` in bf16, as
+    Megatron-LM wraps it: bf16 parameters, fp32 outputs from the last stage)."""
     use_te = runtime.device == "cuda" and _have_transformer_engine()
     if getattr(args, "hf_config", None):
         model = deepseek_training.build_model(args, config, use_te)
@@ -140,10 +158,12 @@ def build_model(args: argparse.Namespace, runtime: Runtime, config: TransformerC
         model = _build_gpt_model(args, config, vocab_size, use_te)
     if runtime.device == "cuda":
         model.cuda(torch.cuda.current_device())
+    if runtime.bf16:
+        model = Float16Module(config, model)
     ddp = DistributedDataParallel(
         config=config,
         ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=runtime.bf16,
+            grad_reduce_in_fp32=runtime.grad_reduce_in_fp32,
             overlap_grad_reduce=False,
             use_distributed_optimizer=args.use_distributed_optimizer,
         ),

@@ -93,6 +93,10 @@ def test_contradictory_flags_fail_at_parse_time_naming_the_flags(argv, message, 
          "--num-layers-per-virtual-pipeline-stage 1: virtual pipeline stages (interleaved 1F1B) are not supported"),
         (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"],
          "--num-virtual-stages-per-pipeline-rank 2: virtual pipeline stages (interleaved 1F1B) are not supported"),
+        (["--fp16"], "--fp16 is not supported"),
+        (["--fp32", "--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 needs bf16 parameters (--bf16)"),
+        (["--bf16", "--fp32"], "not allowed with argument"),
+        (["--accumulate-allreduce-grads-in-fp32", "--grad-reduce-in-bf16"], "not allowed with argument"),
     ],
 )
 def test_pretrain_flag_errors(argv, message, capsys):
