@@ -186,7 +186,7 @@ def train_step(model, config, batches: List[dict], stats: Optional[MTPStats] = N
     """One Megatron forward/backward over the micro-batches (1F1B under PP). Returns per-micro-batch LM loss.
 
     ``model`` (DDP-wrapped) is ours or Megatron-Core's ``GPTModel``; ``stats`` and ``mtp_step`` are for ours."""
-    mtp_kwargs = dict(mtp_stats=stats, mtp_step=mtp_step) if isinstance(model.module, MTPGPTModel) else {}
+    mtp_kwargs = dict(mtp_stats=stats, mtp_step=mtp_step) if isinstance(unwrap_model(model), MTPGPTModel) else {}
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)

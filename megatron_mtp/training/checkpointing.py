@@ -22,7 +22,9 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+from megatron.core.utils import unwrap_model
 
 from megatron_mtp.checkpoint_names import absent_tensors_error
 from megatron_mtp.compat import save_torch_dist
@@ -180,8 +182,11 @@ def _load(request: Dict[str, Any], directory: str, root: str) -> Dict[str, Any]:
 
 
 def _load_model_state(model, state: Dict[str, Any], root: str) -> None:
-    """``model.load_state_dict(state)``, where only ``_extra_state`` entries left out by :func:`_load` may miss."""
-    result = model.load_state_dict(state, strict=False)
+    """``model.load_state_dict(state)``, where only ``_extra_state`` entries left out by :func:`_load` may miss.
+
+    A bf16 model is loaded through the module ``Float16Module`` wraps (same keys): the wrapper's
+    ``load_state_dict`` returns no report of missing and unexpected keys."""
+    result = unwrap_model(model, Float16Module).load_state_dict(state, strict=False)
     missing = [key for key in result.missing_keys if not key.endswith(EXTRA_STATE)]
     if missing or result.unexpected_keys:
         raise RuntimeError(

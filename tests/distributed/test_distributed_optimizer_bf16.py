@@ -21,6 +21,7 @@ from tiny import adam, build_model, global_names, load_full_state, make_batches,
 
 MODES = [("sequential", True), ("parallel", False)]  # (mode, tied output layer)
 STEPS = 3
+LR = 3e-3
 
 
 def _train(mode: str, tied: bool, weights, use_distributed_optimizer: bool):
@@ -31,7 +32,7 @@ def _train(mode: str, tied: bool, weights, use_distributed_optimizer: bool):
     model = build_model(config, mtp, tied=tied)
     load_full_state(model, weights)
     model = wrap_ddp(model, config, use_distributed_optimizer=use_distributed_optimizer)
-    optimizer = adam(model, config, lr=3e-3, use_distributed_optimizer=use_distributed_optimizer)
+    optimizer = adam(model, config, lr=LR, use_distributed_optimizer=use_distributed_optimizer)
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
     assert any(isinstance(part, DistributedOptimizer) for part in parts) == use_distributed_optimizer
     batches = make_batches(2)
@@ -73,6 +74,9 @@ def test_distributed_optimizer_at_dp2_equals_one_process_in_bf16(single_process)
             torch.testing.assert_close(result["stats"], reference["stats"], rtol=1e-5, atol=1e-5)
             for name, weight in reference["weights"].items():
                 assert result["weights"][name].dtype == torch.bfloat16
+                # One bf16 rounding of the weight, or of the Adam updates (about lr each), per step: the two runs
+                # apply the micro-batch scale at different points (in the loss on one rank, in the DP average).
                 torch.testing.assert_close(
-                    result["weights"][name].float(), weight.float(), rtol=2**-7, atol=1e-6, msg=f"{mode} {name}"
+                    result["weights"][name].float(), weight.float(), rtol=2**-7, atol=STEPS * LR * 2**-7,
+                    msg=f"{mode} {name}",
                 )
