@@ -16,7 +16,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
     "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "2",
-    "--log-interval", "1", "--eval-interval", "0", "--mtp-num-layers", "2", "--split", "60,40,0",
+    "--log-interval", "1", "--eval-interval", "0", "--eval-iters", "4", "--mtp-num-layers", "2", "--split", "60,40,0",
+    "--tokenizer-type", "ByteLevel", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+    "--hidden-dropout", "0", "--attention-dropout", "0", "--min-lr", "2e-4", "--lr-decay-style", "cosine",
+    "--adam-beta2", "0.95",
+    # The byte-level vocabulary (257) pads to 320 at TP 1 and 2 alike, so checkpoints move between them.
+    "--make-vocab-size-divisible-by", "160",
 ]
 
 
@@ -46,7 +51,7 @@ def _command(nproc, args, script=None):
 
 
 def run(nproc, args, data, check=True, script=None, env=None, timeout=600):
-    args = ["--data-path", data["prefix"], "--data-cache-dir", data["cache"], *args]
+    args = ["--data-path", data["prefix"], "--data-cache-path", data["cache"], *args]
     result = subprocess.run(
         _command(nproc, args, script), capture_output=True, text=True, timeout=timeout, cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
@@ -145,7 +150,7 @@ def test_resume_after_kill_is_bit_exact(tiny_data, tmp_path):
     run(2, [*common, "--json-log", str(tmp_path / "straight.jsonl")], tiny_data)
 
     save = tmp_path / "ckpt"
-    args = ["--data-path", tiny_data["prefix"], "--data-cache-dir", tiny_data["cache"], *common,
+    args = ["--data-path", tiny_data["prefix"], "--data-cache-path", tiny_data["cache"], *common,
             "--save", str(save), "--save-interval", "4", "--json-log", str(tmp_path / "killed.jsonl")]
     job = subprocess.Popen(_command(2, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -184,7 +189,7 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2_with_the_same_loss(tiny_da
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tiny_data, tmp_path):
     save = tmp_path / "ckpt"
-    args = ["--data-path", tiny_data["prefix"], "--data-cache-dir", tiny_data["cache"], *TINY,
+    args = ["--data-path", tiny_data["prefix"], "--data-cache-path", tiny_data["cache"], *TINY,
             "--train-iters", "4", "--save", str(save), "--save-interval", "2"]
     with open(tmp_path / "killed.log", "w") as output:
         # Own session, output to a file: the checkpoint writer's helper process outlives the killed trainer.
