@@ -65,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"MTP {args.mtp_config.mode} D={args.mtp_config.num_layers}, world {dist.get_world_size()} "
         f"(TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}, DP {runtime.data_parallel_size}), "
         f"{runtime.global_batch_size} samples x {args.seq_length} tokens per step, {_precision(runtime)}, "
-        f"data {' '.join(data_path)}"
+        f"gradient-accumulation fusion {'on' if config.gradient_accumulation_fusion else 'off'}, data {' '.join(data_path)}"
     )
 
     if args.skip_train:

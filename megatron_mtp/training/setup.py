@@ -149,6 +149,13 @@ def build_model(args: argparse.Namespace, runtime: Runtime, config: TransformerC
     """This rank's MTPGPTModel stage, wrapped in Megatron-Core DDP (around ``Float16Module`` in bf16, as
     Megatron-LM wraps it: bf16 parameters, fp32 outputs from the last stage)."""
     use_te = runtime.device == "cuda" and _have_transformer_engine()
+    if config.num_moe_experts and config.add_bias_linear and not use_te:
+        raise ValueError(
+            "--num-experts with bias linears (the default; --disable-bias-linear removes them) needs "
+            "TransformerEngine: Megatron-Core's local expert MLP adds its bias in place into the output of a "
+            "tensor-parallel reduction, which autograd refuses (megatron/core/transformer/mlp.py); give "
+            "--disable-bias-linear"
+        )
     if getattr(args, "hf_config", None):
         model = deepseek_training.build_model(args, config, use_te)
     else:

@@ -103,6 +103,21 @@ def test_two_process_run_trains_like_one_process_and_saves(tiny_data, tmp_path, 
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
 
 
+def test_gradient_accumulation_fusion_trains_as_without_it(tiny_data, tmp_path):
+    """Megatron-LM's default (fusion on: weight gradients added into main_grad by the CPU bridge's stand-in for
+    apex's kernel) against --no-gradient-accumulation-fusion: the same losses and gradient norms."""
+    logs = {}
+    for label, flags in (("fused", []), ("unfused", ["--no-gradient-accumulation-fusion"])):
+        logs[label] = tmp_path / f"{label}.jsonl"
+        out = run(1, ["--train-iters", "3", *flags, "--json-log", str(logs[label])], tiny_data).stdout
+        assert f"gradient-accumulation fusion {'on' if label == 'fused' else 'off'}" in out
+    fused, unfused = read_log(logs["fused"]), read_log(logs["unfused"])
+    assert sorted(fused) == [1, 2, 3]
+    for iteration in fused:
+        for key in ("lm_loss", "mtp_1_loss", "mtp_2_loss", "grad_norm"):
+            assert fused[iteration][key] == pytest.approx(unfused[iteration][key], rel=1e-6), (iteration, key)
+
+
 def test_moe_aux_losses_are_logged_per_layer_as_megatron_logs_them(tiny_data, tmp_path):
     """MoE decoder and MTP layers with a load-balancing loss and the z-loss at PP=2: the step line, the JSON log and
     TensorBoard carry Megatron-Core's aux-loss log, which the last rank writes after summing it over the stages:

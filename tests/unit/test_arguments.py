@@ -146,3 +146,12 @@ def test_pretrain_help_explains_the_mtp_flags():
                  "--mtp-loss-scaling-schedule", "--tensor-model-parallel-size", "--data-path", "--save"):
         assert flag in out
     assert "Depth k predicts token t+k+1" in " ".join(out.split())
+
+
+def test_moe_with_bias_linears_is_refused_without_transformer_engine(single_process):
+    from megatron_mtp.training.setup import Runtime, build_model, precision, transformer_config
+
+    args = parse_args(REQUIRED + ["--num-experts", "2"])
+    runtime = Runtime("cpu", *precision(args), 1, 1, 2)
+    with pytest.raises(ValueError, match=r"--num-experts with bias linears \(the default; --disable-bias-linear removes"):
+        build_model(args, runtime, transformer_config(args, runtime), 384)
