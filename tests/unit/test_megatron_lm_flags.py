@@ -1,7 +1,8 @@
 """The pretrain script's flags against Megatron-LM's own parser: every flag both have must take the same values
 (argparse action, dest, type, nargs, const; our choices a subset of Megatron-LM's, outside a listed extension)
 and have the same default. Megatron-LM's parser is built from its ``megatron/training/arguments.py`` at the
-commit matching the installed Megatron-Core (``$MEGATRON_LM_DIR``, else ``/work/shared/megatron-lm/core_*<X.Y>*``).
+commit matching the installed Megatron-Core (``$MEGATRON_LM_DIR``, else ``../shared/megatron-lm/core_*<X.Y>*`` beside
+the repository, which CI provides: missing, the test fails).
 
 ``megatron.training``'s ``__init__`` imports the whole training loop (triton, fused kernels); the test loads
 only ``arguments.py`` and what it imports, with the package's training-loop names left undefined.
@@ -21,7 +22,7 @@ import megatron.core
 
 from megatron_mtp.training.arguments import build_parser
 
-SHARED_MEGATRON_LM = "/work/shared/megatron-lm"
+SHARED_MEGATRON_LM = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "megatron-lm")
 OUR_EXTRA_CHOICES = {"--tokenizer-type": {"ByteLevel"}}
 """Values only we accept for a shared flag (Megatron-LM's values we accept mean the same)."""
 
@@ -32,7 +33,7 @@ def _megatron_lm_dir() -> str:
     release = ".".join(megatron.core.__version__.split(".")[:2])
     found = sorted(glob.glob(os.path.join(SHARED_MEGATRON_LM, f"core_*{release}*")))
     if not found:
-        pytest.skip(f"no Megatron-LM checkout for megatron-core {release}: set MEGATRON_LM_DIR")
+        pytest.fail(f"no Megatron-LM files for megatron-core {release} in {SHARED_MEGATRON_LM}: set MEGATRON_LM_DIR")
     return found[0]
 
 
