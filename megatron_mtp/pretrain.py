@@ -65,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"MTP {args.mtp_config.mode} D={args.mtp_config.num_layers}, world {dist.get_world_size()} "
         f"(TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}, DP {runtime.data_parallel_size}), "
         f"{runtime.global_batch_size} samples x {args.seq_length} tokens per step, {_precision(runtime)}, "
-        f"data {' '.join(data_path)}"
+        f"gradient-accumulation fusion {'on' if config.gradient_accumulation_fusion else 'off'}, data {' '.join(data_path)}"
     )
 
     if args.skip_train:
@@ -133,12 +133,12 @@ def main(argv: Optional[List[str]] = None) -> None:
 def build_datasets(args, tokenizer, global_batch_size: int) -> Tuple[List[str], Dataset, Optional[Dataset]]:
     """(data path, train set, validation set) of a run: --data-path or the embedded corpus, sized for
     --train-iters steps and every evaluation. Collective when torch.distributed is initialized."""
-    data_path = args.data_path or [prepare_stdlib_corpus(args.data_cache_dir, tokenizer)]
+    data_path = args.data_path or [prepare_stdlib_corpus(args.data_cache_path, tokenizer)]
     evaluations = (args.train_iters // args.eval_interval if args.eval_interval else 0) + 1
     eval_samples = evaluations * args.eval_iters * global_batch_size
     train_set, valid_set, _ = build_gpt_datasets(
         data_path, args.split, args.seq_length, tokenizer, args.seed,
-        (args.train_iters * global_batch_size, eval_samples, 0), args.data_cache_dir,
+        (args.train_iters * global_batch_size, eval_samples, 0), args.data_cache_path,
     )
     return data_path, train_set, valid_set
 

@@ -39,15 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="ByteLevel",
         choices=TOKENIZER_TYPES,
         help="ByteLevel: UTF-8 bytes, end-of-document id 256, vocabulary 257, no file needed (default). "
-        "HuggingFace: a tokenizers-library tokenizer.json given by --tokenizer-model.",
+        "HuggingFaceTokenizer: a tokenizers-library tokenizer.json given by --tokenizer-model.",
     )
     parser.add_argument(
-        "--tokenizer-model", metavar="FILE", help="the tokenizer.json for --tokenizer-type HuggingFace"
+        "--tokenizer-model", metavar="FILE", help="the tokenizer.json for --tokenizer-type HuggingFaceTokenizer"
     )
     parser.add_argument(
         "--eod-token",
         metavar="TOKEN",
-        help=f"HuggingFace only: the end-of-document token; default: the first of {', '.join(DEFAULT_EOD_TOKENS)} "
+        help=f"HuggingFaceTokenizer only: the end-of-document token; default: the first of {', '.join(DEFAULT_EOD_TOKENS)} "
         "that the tokenizer has",
     )
     parser.add_argument(

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 from megatron.core.tokenizers import MegatronTokenizerBase
 
-TOKENIZER_TYPES = ("ByteLevel", "HuggingFace")
+TOKENIZER_TYPES = ("ByteLevel", "HuggingFaceTokenizer")  # Megatron-LM's name for the second
 NO_PAD_ID = -1
 DEFAULT_EOD_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
 DEFAULT_PAD_TOKENS = ("<pad>", "<|pad|>", "[PAD]")
@@ -147,7 +147,7 @@ class HuggingFaceTokenizer(PretrainingTokenizer):
 def build_tokenizer(
     tokenizer_type: str, tokenizer_model: Optional[str] = None, eod_token: Optional[str] = None
 ) -> PretrainingTokenizer:
-    """The tokenizer named by ``--tokenizer-type`` (``ByteLevel`` or ``HuggingFace``) and ``--tokenizer-model``.
+    """The tokenizer named by ``--tokenizer-type`` (``ByteLevel`` or ``HuggingFaceTokenizer``) and ``--tokenizer-model``.
 
     Raises:
         ValueError: unknown type, a model file or eod token given to ``ByteLevel``, a missing/unreadable model
@@ -160,9 +160,9 @@ def build_tokenizer(
                 f"{tokenizer_model!r}, {eod_token!r}"
             )
         return ByteTokenizer()
-    if tokenizer_type == "HuggingFace":
+    if tokenizer_type == "HuggingFaceTokenizer":
         if tokenizer_model is None:
-            raise ValueError("--tokenizer-type HuggingFace needs --tokenizer-model PATH/TO/tokenizer.json")
+            raise ValueError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH/TO/tokenizer.json")
         if not os.path.isfile(tokenizer_model):
             raise ValueError(f"--tokenizer-model {tokenizer_model}: no such file")
         try:

@@ -26,12 +26,13 @@ def architecture_flags(hf: dict) -> dict:
         hidden_size=t.hidden_size,
         ffn_hidden_size=t.ffn_hidden_size,
         num_attention_heads=t.num_attention_heads,
+        group_query_attention=False,
         num_query_groups=None,
         position_embedding_type="rope",
         rotary_base=int(t.rotary_base),
         normalization="RMSNorm",
         swiglu=True,
-        disable_bias_linear=True,
+        add_bias_linear=False,
         untie_embeddings_and_output_weights=not configs.share_embeddings_and_output_weights,
         hidden_dropout=t.hidden_dropout,
         attention_dropout=t.attention_dropout,
@@ -108,5 +109,4 @@ def _explicit_flags(parser: argparse.ArgumentParser, argv: Optional[List[str]]) 
     probe = copy.deepcopy(parser)  # its defaults change; the run's parser keeps its own
     for action in probe._actions:
         action.default = argparse.SUPPRESS
-    probe._defaults.clear()  # set_defaults(mtp_num_layers=1) would otherwise read as given
     return vars(probe.parse_known_args(argv)[0])

@@ -1,7 +1,8 @@
-"""Command-line flags of the pretrain script, with Megatron-LM's names.
+"""Command-line flags of the pretrain script: Megatron-LM's names, meanings and defaults.
 
-The defaults are the embedded demo: a small byte-level GPT with one sequential MTP depth, trained on the
-Python standard library's source files, on CPU in a few minutes.
+A flag that Megatron-LM also has takes the same values and has the same default (tests/unit/test_megatron_lm_flags.py
+checks this against Megatron-LM's own parser); what Megatron-LM requires is required here too. The embedded demo
+(a small byte-level GPT on the Python standard library's source files) gives its flags in examples/demo.sh.
 """
 
 import argparse
@@ -9,6 +10,24 @@ import os
 from typing import List, Optional
 
 from megatron_mtp.arguments import add_mtp_args, mtp_config_from_args
+from megatron_mtp.data.tokenizers import TOKENIZER_TYPES
+
+DEFAULT_SPLIT = "969,30,1"
+DEFAULT_DATA_CACHE_PATH = os.path.join(os.path.expanduser("~"), ".cache", "megatron_mtp")
+REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "train_iters", "lr",
+            "tokenizer_type")
+"""Flags without a default: Megatron-LM refuses to run without them too (or without a replacement we lack)."""
+
+
+class _Renamed(argparse.Action):
+    """A flag this script once spelled differently from Megatron-LM: using it is an error naming Megatron-LM's."""
+
+    def __init__(self, option_strings, dest, megatron_flag, **kwargs):
+        super().__init__(option_strings, argparse.SUPPRESS, nargs="?", help=argparse.SUPPRESS)
+        self.megatron_flag = megatron_flag
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.megatron_flag}, Megatron-LM's name for it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,45 +42,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="A Hugging Face DeepSeek-V3 config.json (or its directory): the architecture flags come from it "
         "(giving one with another value is an error); MLA, YaRN, MoE with expert bias, MTP depths.",
     )
-    model.add_argument("--num-layers", type=int, default=4, help="Decoder layers.")
-    model.add_argument("--hidden-size", type=int, default=128)
-    model.add_argument("--ffn-hidden-size", type=int, default=None, help="MLP width; default 4 x hidden.")
-    model.add_argument("--num-attention-heads", type=int, default=4)
-    model.add_argument("--num-query-groups", type=int, default=None, help="GQA groups; default = heads.")
-    model.add_argument("--seq-length", type=int, default=256, help="Tokens per sample.")
+    model.add_argument("--num-layers", type=int, default=None, help="Decoder layers (required).")
+    model.add_argument("--hidden-size", type=int, default=None, help="Required.")
+    model.add_argument(
+        "--ffn-hidden-size", type=int, default=None,
+        help="MLP width; default 4 x hidden, with --swiglu 8/3 x hidden rounded down to a multiple of 64.",
+    )
+    model.add_argument("--num-attention-heads", type=int, default=None, help="Required.")
+    model.add_argument("--group-query-attention", action="store_true", help="GQA with --num-query-groups groups.")
+    model.add_argument("--num-query-groups", type=int, default=1, help="Key/value groups with --group-query-attention.")
+    model.add_argument("--seq-length", type=int, default=None, help="Tokens per sample (required).")
     model.add_argument("--max-position-embeddings", type=int, default=None, help="Default: --seq-length.")
     model.add_argument(
-        "--position-embedding-type", choices=["rope", "learned_absolute", "none"], default="rope"
+        "--position-embedding-type", type=str, choices=["learned_absolute", "rope", "none"], default="learned_absolute"
     )
     model.add_argument("--rotary-base", type=int, default=10000)
-    model.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="RMSNorm")
+    model.add_argument("--normalization", type=str, choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     model.add_argument("--swiglu", action="store_true", help="SwiGLU MLP instead of GELU.")
-    model.add_argument("--disable-bias-linear", action="store_true", help="No biases in linear layers.")
+    model.add_argument(
+        "--disable-bias-linear", action="store_false", dest="add_bias_linear", help="No biases in linear layers."
+    )
     model.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    model.add_argument("--hidden-dropout", type=float, default=0.0)
-    model.add_argument("--attention-dropout", type=float, default=0.0)
+    model.add_argument("--hidden-dropout", type=float, default=0.1)
+    model.add_argument("--attention-dropout", type=float, default=0.1)
     model.add_argument("--init-method-std", type=float, default=0.02)
     model.add_argument(
         "--make-vocab-size-divisible-by", type=int, default=128,
-        help="Pad the vocabulary to a multiple of this (and of the TP size). Unlike Megatron-LM the multiple is "
-        "not multiplied by TP, so the embedding keeps its shape and checkpoints move between TP sizes.",
+        help="Pad the vocabulary to a multiple of this times --tensor-model-parallel-size, as Megatron-LM does "
+        "(so a checkpoint's embedding shape can depend on TP).",
     )
     model.add_argument("--num-experts", type=int, default=None, help="MoE experts per MoE layer; unset: dense.")
     model.add_argument("--moe-router-topk", type=int, default=2)
     model.add_argument("--moe-ffn-hidden-size", type=int, default=None)
     model.add_argument(
-        "--moe-aux-loss-coeff", type=float, default=0.0,
-        help="Scale of the load-balancing loss chosen by --moe-router-load-balancing-type (1e-2 is a usual start).",
+        "--moe-aux-loss-coeff", type=float, nargs="+", default=0.0,
+        help="Scale of each load-balancing loss of --moe-router-load-balancing-type, in the same order "
+        "(1e-2 is a usual start).",
     )
     model.add_argument(
-        "--moe-router-load-balancing-type", default="aux_loss",
+        "--moe-router-load-balancing-type", type=str, nargs="+", default="aux_loss",
         choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"],
         help="aux_loss: GShard/Switch load balancing over the micro-batch; seq_aux_loss: per sequence "
-        "(DeepSeek-V2/V3); global_aux_loss: over the global batch; sinkhorn: S-BASE routing; none.",
+        "(DeepSeek-V2/V3); global_aux_loss: over the global batch; sinkhorn: S-BASE routing; none. Several "
+        "combine (one --moe-aux-loss-coeff each).",
     )
     model.add_argument("--moe-z-loss-coeff", type=float, default=None, help="Scale of the router z-loss (ST-MoE).")
     model.add_argument(
-        "--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="allgather",
+        "--moe-token-dispatcher-type", type=str, choices=["allgather", "alltoall"], default="allgather",
     )
 
     parallel = parser.add_argument_group("parallelism")
@@ -72,32 +99,37 @@ def build_parser() -> argparse.ArgumentParser:
         parallel.add_argument(flag, type=int, default=None, help="Virtual pipeline stages: not supported yet (an error).")
     parallel.add_argument("--sequence-parallel", action="store_true")
     parallel.add_argument("--use-distributed-optimizer", action="store_true")
+    parallel.add_argument(
+        "--no-gradient-accumulation-fusion", action="store_false", dest="gradient_accumulation_fusion",
+        help="Accumulate weight gradients into main_grad after the matmul instead of inside it (fused: apex's "
+        "kernel on GPU, the CPU bridge's stand-in on CPU).",
+    )
 
     train = parser.add_argument_group("training")
-    train.add_argument("--micro-batch-size", type=int, default=8)
+    train.add_argument("--micro-batch-size", type=int, default=None, help="Required.")
     train.add_argument(
         "--global-batch-size", type=int, default=None,
         help="Samples per step over all data-parallel ranks; default micro-batch x DP size.",
     )
-    train.add_argument("--train-iters", type=int, default=300)
-    train.add_argument("--lr", type=float, default=2e-3)
-    train.add_argument("--min-lr", type=float, default=2e-4)
-    train.add_argument("--lr-warmup-iters", type=int, default=20)
+    train.add_argument("--train-iters", type=int, default=None, help="Required.")
+    train.add_argument("--lr", type=float, default=None, help="Peak learning rate (required).")
+    train.add_argument("--min-lr", type=float, default=0.0)
+    train.add_argument("--lr-warmup-iters", type=int, default=0)
     train.add_argument("--lr-decay-iters", type=int, default=None, help="Default: --train-iters.")
-    train.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    train.add_argument("--lr-decay-style", type=str, choices=["constant", "linear", "cosine"], default="linear")
     train.add_argument("--weight-decay", type=float, default=0.01)
     train.add_argument("--adam-beta1", type=float, default=0.9)
-    train.add_argument("--adam-beta2", type=float, default=0.95)
+    train.add_argument("--adam-beta2", type=float, default=0.999)
     train.add_argument("--clip-grad", type=float, default=1.0)
     train.add_argument("--seed", type=int, default=1234)
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if present.")
     precision = train.add_mutually_exclusive_group()
     precision.add_argument(
-        "--bf16", action="store_true", default=None,
-        help="bf16 parameters (Megatron-Core's Float16Module), fp32 main parameters in the optimizer. Default on GPU.",
+        "--bf16", action="store_true",
+        help="bf16 parameters (Megatron-Core's Float16Module), fp32 main parameters in the optimizer. Without it "
+        "(or --fp16): fp32, as in Megatron-LM.",
     )
     precision.add_argument("--fp16", action="store_true", help="Not supported (it needs loss scaling): use --bf16.")
-    precision.add_argument("--fp32", action="store_true", help="Default on CPU.")
     grad_reduce = train.add_mutually_exclusive_group()
     grad_reduce.add_argument(
         "--accumulate-allreduce-grads-in-fp32", action="store_true",
@@ -110,24 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--data-path", nargs="+", default=None,
+        "--data-path", nargs="*", default=None,
         help="Indexed dataset prefixes (tools/preprocess_data.py), optionally weighted: W1 P1 W2 P2 ... "
         "Unset: the Python standard library's source files, byte-level (the embedded default).",
     )
-    data.add_argument("--split", default="969,30,1", help="train,valid,test proportions of each dataset.")
-    data.add_argument("--tokenizer-type", choices=["ByteLevel", "HuggingFace"], default="ByteLevel")
-    data.add_argument("--tokenizer-model", default=None, help="tokenizer.json for --tokenizer-type HuggingFace.")
     data.add_argument(
-        "--data-cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "megatron_mtp"),
-        help="Where dataset indices and the embedded corpus are cached.",
+        "--split", type=str, default=None,
+        help=f"train,valid,test proportions of each dataset; unset: {DEFAULT_SPLIT} (Megatron-LM's legacy value).",
     )
-    data.add_argument("--eval-interval", type=int, default=100, help="Validate every N steps (0: never).")
-    data.add_argument("--eval-iters", type=int, default=4, help="Validation steps per evaluation.")
+    data.add_argument(
+        "--tokenizer-type", type=str, choices=TOKENIZER_TYPES, default=None,
+        help="Required. ByteLevel: UTF-8 bytes (ours, no file); HuggingFaceTokenizer: --tokenizer-model.",
+    )
+    data.add_argument("--tokenizer-model", type=str, default=None, help="tokenizer.json for HuggingFaceTokenizer.")
+    data.add_argument(
+        "--data-cache-path", default=None,
+        help=f"Where dataset indices and the embedded corpus are cached; unset: {DEFAULT_DATA_CACHE_PATH}.",
+    )
+    data.add_argument("--data-cache-dir", action=_Renamed, megatron_flag="--data-cache-path")
+    data.add_argument("--eval-interval", type=int, default=None, help="Validate every N steps (unset or 0: never).")
+    data.add_argument("--eval-iters", type=int, default=100, help="Validation steps per evaluation.")
     data.add_argument("--skip-train", action="store_true", help="Only validate (e.g. a --load checkpoint), then exit.")
 
     checkpoint = parser.add_argument_group("checkpointing")
-    checkpoint.add_argument("--save", default=None, help="Directory to save torch_dist checkpoints to.")
-    checkpoint.add_argument("--load", default=None, help="Directory to resume from (its latest checkpoint).")
+    checkpoint.add_argument("--save", type=str, default=None, help="Directory to save torch_dist checkpoints to.")
+    checkpoint.add_argument("--load", type=str, default=None, help="Directory to resume from (its latest checkpoint).")
     checkpoint.add_argument(
         "--finetune", action="store_true",
         help="Load only the model weights from --load (no optimizer, scheduler or RNG state; e.g. a checkpoint "
@@ -136,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--save-interval", type=int, default=None, help="Save every N steps (and at the end).")
 
     logging = parser.add_argument_group("logging")
-    logging.add_argument("--log-interval", type=int, default=10)
-    logging.add_argument("--tensorboard-dir", default=None)
+    logging.add_argument("--log-interval", type=int, default=100)
+    logging.add_argument("--tensorboard-dir", type=str, default=None)
     logging.add_argument("--json-log", default=None, help="Append one JSON line of metrics per logged step.")
     logging.add_argument(
         "--moe-per-layer-logging", action="store_true",
@@ -146,7 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_mtp_args(parser)
-    parser.set_defaults(mtp_num_layers=1)
     return parser
 
 
@@ -168,8 +206,11 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 "expert_model_parallel_size"]
     if args.fp16:
         parser.error("--fp16 is not supported: fp16 needs loss scaling, which this script does not set up; use --bf16")
-    if args.grad_reduce_in_bf16 and args.fp32:
-        parser.error("--grad-reduce-in-bf16 needs bf16 parameters (--bf16), not --fp32")
+    if args.grad_reduce_in_bf16 and not args.bf16:
+        parser.error("--grad-reduce-in-bf16 needs bf16 parameters: give --bf16")
+    missing = [f"--{name.replace('_', '-')}" for name in REQUIRED if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     if args.finetune and not args.load:
         parser.error("--finetune loads model weights from --load; give --load")
     for name in positive:
@@ -194,8 +235,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--num-experts {args.num_experts} must be divisible by --expert-model-parallel-size")
     if args.mtp_config.num_layers >= args.seq_length:
         parser.error(f"--mtp-num-layers {args.mtp_config.num_layers} must be smaller than --seq-length {args.seq_length}")
-    if args.tokenizer_type == "HuggingFace" and not args.tokenizer_model:
-        parser.error("--tokenizer-type HuggingFace needs --tokenizer-model PATH/tokenizer.json")
+    if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
+        parser.error("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH/tokenizer.json")
     if args.skip_train and args.eval_iters < 1:
         parser.error("--skip-train needs --eval-iters >= 1")
     if args.save_interval is not None and args.save_interval < 1:
@@ -204,14 +245,28 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--save-interval needs --save DIR")
     if args.data_path and len(args.data_path) > 1 and _looks_weighted(args.data_path) is None:
         parser.error("--data-path: give prefixes only, or WEIGHT PREFIX pairs")
+    coeffs, types = _as_list(args.moe_aux_loss_coeff), _as_list(args.moe_router_load_balancing_type)
+    if len(coeffs) != len(types):
+        parser.error(f"give one --moe-aux-loss-coeff per --moe-router-load-balancing-type, got {coeffs} for {types}")
+    # One loss type is a plain value, as Megatron-Core's own default is.
+    args.moe_aux_loss_coeff, args.moe_router_load_balancing_type = (coeffs[0], types[0]) if len(types) == 1 else (coeffs, types)
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    if not args.group_query_attention:  # Megatron-LM ignores --num-query-groups then: one group per head
+        args.num_query_groups = None
+    args.split = args.split or DEFAULT_SPLIT
+    args.data_cache_path = args.data_cache_path or DEFAULT_DATA_CACHE_PATH
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
     if args.lr_warmup_iters >= args.lr_decay_iters:
         parser.error(
             f"--lr-warmup-iters ({args.lr_warmup_iters}) must be smaller than --lr-decay-iters "
             f"({args.lr_decay_iters}; default --train-iters)"
         )
-    args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    if args.ffn_hidden_size is None:  # Megatron-LM's rule
+        args.ffn_hidden_size = int(4 * args.hidden_size * 2 / 3 / 64) * 64 if args.swiglu else 4 * args.hidden_size
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def _looks_weighted(paths: List[str]) -> Optional[bool]:

@@ -111,7 +111,7 @@ def model_signature(args, vocab_size: int) -> Dict[str, Any]:
         max_position_embeddings=args.max_position_embeddings if args.position_embedding_type == "learned_absolute" else None,
         normalization=args.normalization,
         swiglu=args.swiglu,
-        bias_linear=not args.disable_bias_linear,
+        bias_linear=args.add_bias_linear,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         num_experts=args.num_experts,
         mtp_num_layers=args.mtp_num_layers or 0,

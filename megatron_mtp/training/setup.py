@@ -1,7 +1,6 @@
 """Build what a training run needs from its flags: process groups, the model, DDP, optimizer, LR schedule."""
 
 import argparse
-import math
 import os
 import socket
 from dataclasses import dataclass
@@ -73,31 +72,29 @@ def init_distributed(args: argparse.Namespace) -> Runtime:
         )
     return Runtime(
         device,
-        *precision(args, device),
+        *precision(args),
         data_parallel,
         global_batch // (args.micro_batch_size * data_parallel),
         global_batch,
     )
 
 
-def precision(args: argparse.Namespace, device: str) -> Tuple[bool, bool]:
-    """(bf16, grad_reduce_in_fp32) as Megatron-LM sets them: bf16 by default on GPU only; gradients accumulated
-    and reduced in fp32 unless --grad-reduce-in-bf16."""
-    bf16 = bool(args.bf16 if args.bf16 is not None else (device == "cuda" and not args.fp32))
-    if args.grad_reduce_in_bf16 and not bf16:
-        raise ValueError("--grad-reduce-in-bf16 needs bf16 parameters: give --bf16 (the default on GPU only)")
-    return bf16, not args.grad_reduce_in_bf16
+def precision(args: argparse.Namespace) -> Tuple[bool, bool]:
+    """(bf16, grad_reduce_in_fp32) as Megatron-LM sets them: bf16 with --bf16 only; gradients accumulated and
+    reduced in fp32 unless --grad-reduce-in-bf16."""
+    return args.bf16, not args.grad_reduce_in_bf16
 
 
 def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
-    """Pad to a multiple of --make-vocab-size-divisible-by (raised to a multiple of TP if needed).
+    """Pad to a multiple of --make-vocab-size-divisible-by x --tensor-model-parallel-size, as Megatron-LM does.
 
-    Megatron-LM multiplies the multiple by the TP size, which makes the embedding's shape depend on TP; here
-    the shape stays the same across TP sizes that divide it, so checkpoints move between them.
+    The embedding's shape thus depends on TP where the vocabulary is not already a multiple of the larger
+    multiple; a checkpoint loads at another TP size only where both give the same padded size (checked on load).
+    The DeepSeek-V3 path keeps the HF config's vocabulary instead.
     """
     if getattr(args, "hf_config", None):
         return deepseek_training.vocab_size(vocab_size, args)
-    multiple = math.lcm(args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
 
 
@@ -111,7 +108,7 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
         params_dtype=dtype,
         pipeline_dtype=dtype,
         use_cpu_initialization=runtime.device == "cpu",
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=args.gradient_accumulation_fusion,
     )
     if getattr(args, "hf_config", None):
         return deepseek_training.transformer_config(args, **run_settings)
@@ -137,7 +134,7 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
         normalization=args.normalization,
         gated_linear_unit=args.swiglu,
         activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
-        add_bias_linear=not args.disable_bias_linear,
+        add_bias_linear=args.add_bias_linear,
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std,
@@ -152,6 +149,13 @@ def build_model(args: argparse.Namespace, runtime: Runtime, config: TransformerC
     """This rank's MTPGPTModel stage, wrapped in Megatron-Core DDP (around ``Float16Module`` in bf16, as
     Megatron-LM wraps it: bf16 parameters, fp32 outputs from the last stage)."""
     use_te = runtime.device == "cuda" and _have_transformer_engine()
+    if config.num_moe_experts and config.add_bias_linear and not use_te:
+        raise ValueError(
+            "--num-experts with bias linears (the default; --disable-bias-linear removes them) needs "
+            "TransformerEngine: Megatron-Core's local expert MLP adds its bias in place into the output of a "
+            "tensor-parallel reduction, which autograd refuses (megatron/core/transformer/mlp.py); give "
+            "--disable-bias-linear"
+        )
     if getattr(args, "hf_config", None):
         model = deepseek_training.build_model(args, config, use_te)
     else:

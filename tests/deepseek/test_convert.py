@@ -331,7 +331,7 @@ def test_pretrain_finetunes_from_an_imported_checkpoint_and_its_save_exports(tmp
         "--json-log",
         str(tmp_path / "log.jsonl"),
     ]
-    command += ["--data-cache-dir", os.path.join(os.path.expanduser("~"), ".cache", "megatron_mtp")]
+    command += ["--tokenizer-type", "ByteLevel", "--data-cache-path", os.path.join(os.path.expanduser("~"), ".cache", "megatron_mtp")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"loaded model weights from {root}; training starts at iteration 0" in result.stdout

@@ -371,6 +371,10 @@ def test_override_of_an_hf_setting_is_an_error():
 # ---- the pretrain script's --hf-config ---------------------------------------------------------------------------
 
 
+RUN_FLAGS = ["--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "4", "--lr", "1e-3", "--tokenizer-type", "ByteLevel"]
+"""What a pretrain run needs beside --hf-config."""
+
+
 @pytest.fixture
 def hf_config_file(tmp_path):
     path = tmp_path / "config.json"
@@ -379,7 +383,7 @@ def hf_config_file(tmp_path):
 
 
 def test_hf_config_flag_sets_the_architecture(hf_config_file):
-    args = parse_args(["--hf-config", hf_config_file, "--num-layers", "3", "--mtp-loss-scaling-factor", "0.3"])
+    args = parse_args([*RUN_FLAGS, "--hf-config", hf_config_file, "--num-layers", "3", "--mtp-loss-scaling-factor", "0.3"])
     assert (args.num_layers, args.hidden_size, args.num_experts, args.moe_router_topk) == (3, 64, 8, 2)
     assert args.swiglu and args.untie_embeddings_and_output_weights and args.hf_vocab_size == 256
     assert (args.mtp_config.num_layers, args.mtp_config.mode, args.mtp_config.loss_scaling_factor) == (
@@ -393,7 +397,7 @@ def test_hf_config_flag_sets_the_architecture(hf_config_file):
 def test_hf_config_flag_takes_the_mtp_depth_of_the_config(tmp_path, depths):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(tiny_config(num_nextn_predict_layers=depths)))
-    assert parse_args(["--hf-config", str(path)]).mtp_config.num_layers == depths
+    assert parse_args([*RUN_FLAGS, "--hf-config", str(path)]).mtp_config.num_layers == depths
 
 
 @pytest.mark.parametrize(
@@ -407,7 +411,7 @@ def test_hf_config_flag_takes_the_mtp_depth_of_the_config(tmp_path, depths):
 )
 def test_hf_config_flag_refuses_contradicting_flags(hf_config_file, flags, message, capsys):
     with pytest.raises(SystemExit):
-        parse_args(["--hf-config", hf_config_file, *flags])
+        parse_args([*RUN_FLAGS, "--hf-config", hf_config_file, *flags])
     assert message in capsys.readouterr().err
 
 
@@ -415,7 +419,7 @@ def test_hf_config_flag_names_an_unsupported_architecture(tmp_path, capsys):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(tiny_config(architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe")))
     with pytest.raises(SystemExit):
-        parse_args(["--hf-config", str(path)])
+        parse_args([*RUN_FLAGS, "--hf-config", str(path)])
     assert "Glm4MoeForCausalLM is not supported" in capsys.readouterr().err
 
 
@@ -440,7 +444,11 @@ def test_pretrain_trains_the_hf_config_model(tmp_path):
         "0",
         "--lr-warmup-iters",
         "1",
-        "--data-cache-dir",
+        "--lr",
+        "1e-3",
+        "--tokenizer-type",
+        "ByteLevel",
+        "--data-cache-path",
         os.path.join(os.path.expanduser("~"), ".cache", "megatron_mtp"),
         "--json-log",
         str(tmp_path / "log.jsonl"),

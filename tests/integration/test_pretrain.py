@@ -16,7 +16,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
     "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "2",
-    "--log-interval", "1", "--eval-interval", "0", "--mtp-num-layers", "2", "--split", "60,40,0",
+    "--log-interval", "1", "--eval-interval", "0", "--eval-iters", "4", "--mtp-num-layers", "2", "--split", "60,40,0",
+    "--tokenizer-type", "ByteLevel", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+    "--hidden-dropout", "0", "--attention-dropout", "0", "--min-lr", "2e-4", "--lr-decay-style", "cosine",
+    "--adam-beta2", "0.95",
+    # The byte-level vocabulary (257) pads to 320 at TP 1 and 2 alike, so checkpoints move between them.
+    "--make-vocab-size-divisible-by", "160",
 ]
 
 
@@ -46,7 +51,7 @@ def _command(nproc, args, script=None):
 
 
 def run(nproc, args, data, check=True, script=None, env=None, timeout=600):
-    args = ["--data-path", data["prefix"], "--data-cache-dir", data["cache"], *args]
+    args = ["--data-path", data["prefix"], "--data-cache-path", data["cache"], *args]
     result = subprocess.run(
         _command(nproc, args, script), capture_output=True, text=True, timeout=timeout, cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
@@ -98,6 +103,21 @@ def test_two_process_run_trains_like_one_process_and_saves(tiny_data, tmp_path, 
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
 
 
+def test_gradient_accumulation_fusion_trains_as_without_it(tiny_data, tmp_path):
+    """Megatron-LM's default (fusion on: weight gradients added into main_grad by the CPU bridge's stand-in for
+    apex's kernel) against --no-gradient-accumulation-fusion: the same losses and gradient norms."""
+    logs = {}
+    for label, flags in (("fused", []), ("unfused", ["--no-gradient-accumulation-fusion"])):
+        logs[label] = tmp_path / f"{label}.jsonl"
+        out = run(1, ["--train-iters", "3", *flags, "--json-log", str(logs[label])], tiny_data).stdout
+        assert f"gradient-accumulation fusion {'on' if label == 'fused' else 'off'}" in out
+    fused, unfused = read_log(logs["fused"]), read_log(logs["unfused"])
+    assert sorted(fused) == [1, 2, 3]
+    for iteration in fused:
+        for key in ("lm_loss", "mtp_1_loss", "mtp_2_loss", "grad_norm"):
+            assert fused[iteration][key] == pytest.approx(unfused[iteration][key], rel=1e-6), (iteration, key)
+
+
 def test_moe_aux_losses_are_logged_per_layer_as_megatron_logs_them(tiny_data, tmp_path):
     """MoE decoder and MTP layers with a load-balancing loss and the z-loss at PP=2: the step line, the JSON log and
     TensorBoard carry Megatron-Core's aux-loss log, which the last rank writes after summing it over the stages:
@@ -145,7 +165,7 @@ def test_resume_after_kill_is_bit_exact(tiny_data, tmp_path):
     run(2, [*common, "--json-log", str(tmp_path / "straight.jsonl")], tiny_data)
 
     save = tmp_path / "ckpt"
-    args = ["--data-path", tiny_data["prefix"], "--data-cache-dir", tiny_data["cache"], *common,
+    args = ["--data-path", tiny_data["prefix"], "--data-cache-path", tiny_data["cache"], *common,
             "--save", str(save), "--save-interval", "4", "--json-log", str(tmp_path / "killed.jsonl")]
     job = subprocess.Popen(_command(2, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -184,7 +204,7 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2_with_the_same_loss(tiny_da
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tiny_data, tmp_path):
     save = tmp_path / "ckpt"
-    args = ["--data-path", tiny_data["prefix"], "--data-cache-dir", tiny_data["cache"], *TINY,
+    args = ["--data-path", tiny_data["prefix"], "--data-cache-path", tiny_data["cache"], *TINY,
             "--train-iters", "4", "--save", str(save), "--save-interval", "2"]
     with open(tmp_path / "killed.log", "w") as output:
         # Own session, output to a file: the checkpoint writer's helper process outlives the killed trainer.

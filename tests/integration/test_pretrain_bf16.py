@@ -57,5 +57,5 @@ def test_bf16_resume_is_bit_exact_and_a_precision_change_is_refused(tiny_data, t
     for iteration in resumed:
         assert {k: resumed[iteration][k] for k in keys} == {k: straight[iteration][k] for k in keys}, iteration
 
-    fp32 = run(1, ["--fp32", "--train-iters", "4", "--load", str(save)], tiny_data, check=False)
+    fp32 = run(1, ["--train-iters", "4", "--load", str(save)], tiny_data, check=False)
     assert fp32.returncode != 0 and "holds the state of ['Float16OptimizerWithFloat16Params']" in fp32.stderr

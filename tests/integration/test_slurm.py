@@ -31,7 +31,7 @@ TINY_GPT = [
     "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1",
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
     "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--mtp-num-layers", "1",
-    "--lr-warmup-iters", "1",  # the trainer's default warm-up (20) must be shorter than the run
+    "--lr-warmup-iters", "1", "--tokenizer-type", "ByteLevel", "--hidden-dropout", "0", "--attention-dropout", "0",
     "--train-iters", str(ITERS), "--log-interval", "1", "--eval-interval", "0",
 ]
 LOGGED = ("lm_loss", "mtp_1_loss", "mtp_1_acc", "grad_norm")

@@ -6,6 +6,10 @@ import pytest
 
 from megatron_mtp.arguments import add_mtp_args, mtp_config_from_args
 from megatron_mtp.training.arguments import parse_args
+from megatron_mtp.training.setup import padded_vocab_size
+
+REQUIRED = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16",
+            "--micro-batch-size", "2", "--train-iters", "10", "--lr", "1e-3", "--tokenizer-type", "ByteLevel"]
 
 
 def _parse(argv, parser=None):
@@ -84,7 +88,10 @@ def test_contradictory_flags_fail_at_parse_time_naming_the_flags(argv, message, 
     [
         (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
         (["--mtp-num-layers", "8", "--seq-length", "8"], "--mtp-num-layers 8 must be smaller than --seq-length 8"),
-        (["--tokenizer-type", "HuggingFace"], "needs --tokenizer-model"),
+        (["--tokenizer-type", "HuggingFaceTokenizer"], "needs --tokenizer-model"),
+        (["--tokenizer-type", "HuggingFace"], "invalid choice: 'HuggingFace' (choose from 'ByteLevel', 'HuggingFaceTokenizer')"),
+        (["--data-cache-dir", "x"], "--data-cache-dir is now --data-cache-path, Megatron-LM's name for it"),
+        (["--moe-router-load-balancing-type", "aux_loss", "seq_aux_loss"], "give one --moe-aux-loss-coeff per"),
         (["--save-interval", "5"], "--save-interval needs --save DIR"),
         (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], "must be divisible by --pipeline-model-parallel-size"),
         (["--data-path", "0.5", "a", "b"], "WEIGHT PREFIX pairs"),
@@ -94,15 +101,41 @@ def test_contradictory_flags_fail_at_parse_time_naming_the_flags(argv, message, 
         (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"],
          "--num-virtual-stages-per-pipeline-rank 2: virtual pipeline stages (interleaved 1F1B) are not supported"),
         (["--fp16"], "--fp16 is not supported"),
-        (["--fp32", "--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 needs bf16 parameters (--bf16)"),
-        (["--bf16", "--fp32"], "not allowed with argument"),
+        (["--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 needs bf16 parameters: give --bf16"),
+        (["--bf16", "--fp16"], "not allowed with argument"),
         (["--accumulate-allreduce-grads-in-fp32", "--grad-reduce-in-bf16"], "not allowed with argument"),
     ],
 )
 def test_pretrain_flag_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
-        parse_args(argv)
+        parse_args(REQUIRED + argv)
     assert message in capsys.readouterr().err
+
+
+def test_flags_megatron_lm_requires_are_required(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--num-layers", "2"])
+    assert (
+        "the following arguments are required: --hidden-size, --num-attention-heads, --seq-length, "
+        "--micro-batch-size, --train-iters, --lr, --tokenizer-type"
+    ) in capsys.readouterr().err
+
+
+def test_derived_defaults_follow_megatron_lm():
+    args = parse_args(REQUIRED)
+    assert (args.ffn_hidden_size, args.num_query_groups, args.max_position_embeddings) == (256, None, 16)
+    assert (args.split, args.mtp_config.num_layers, args.bf16, args.gradient_accumulation_fusion) == ("969,30,1", 0, False, True)
+    swiglu_gqa = parse_args(REQUIRED + ["--swiglu", "--group-query-attention", "--num-query-groups", "2"])
+    assert (swiglu_gqa.ffn_hidden_size, swiglu_gqa.num_query_groups) == (128, 2)  # int(8/3 * 64 / 64) * 64
+    assert parse_args(REQUIRED + ["--moe-aux-loss-coeff", "1e-2"]).moe_aux_loss_coeff == 1e-2
+    two = parse_args(REQUIRED + ["--moe-router-load-balancing-type", "aux_loss", "seq_aux_loss", "--moe-aux-loss-coeff", "1", "2"])
+    assert (two.moe_router_load_balancing_type, two.moe_aux_loss_coeff) == (["aux_loss", "seq_aux_loss"], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("tp, padded", [(1, 384), (2, 512), (4, 512)])
+def test_vocabulary_pads_to_a_multiple_of_divisible_by_times_tp_as_megatron_lm(tp, padded):
+    args = parse_args(REQUIRED + ["--tensor-model-parallel-size", str(tp)])
+    assert padded_vocab_size(257, args) == padded
 
 
 def test_pretrain_help_explains_the_mtp_flags():
@@ -113,3 +146,12 @@ def test_pretrain_help_explains_the_mtp_flags():
                  "--mtp-loss-scaling-schedule", "--tensor-model-parallel-size", "--data-path", "--save"):
         assert flag in out
     assert "Depth k predicts token t+k+1" in " ".join(out.split())
+
+
+def test_moe_with_bias_linears_is_refused_without_transformer_engine(single_process):
+    from megatron_mtp.training.setup import Runtime, build_model, precision, transformer_config
+
+    args = parse_args(REQUIRED + ["--num-experts", "2"])
+    runtime = Runtime("cpu", *precision(args), 1, 1, 2)
+    with pytest.raises(ValueError, match=r"--num-experts with bias linears \(the default; --disable-bias-linear removes"):
+        build_model(args, runtime, transformer_config(args, runtime), 384)

@@ -84,14 +84,14 @@ def test_byte_tokenizer_round_trip_and_megatron_interface():
     json.dumps(tokenizer.unique_identifiers)  # core hashes it into its cache file names
     with pytest.raises(ValueError, match="--tokenizer-type ByteLevel takes no --tokenizer-model"):
         build_tokenizer("ByteLevel", "tokenizer.json")
-    with pytest.raises(ValueError, match="unknown --tokenizer-type 'GPT2BPE'.*ByteLevel, HuggingFace"):
+    with pytest.raises(ValueError, match="unknown --tokenizer-type 'GPT2BPE'.*ByteLevel, HuggingFaceTokenizer"):
         build_tokenizer("GPT2BPE", None)
 
 
 def test_huggingface_tokenizer_end_to_end(tmp_path):
     path = tmp_path / "tokenizer.json"
     train_hf_tokenizer(path)
-    tokenizer = build_tokenizer("HuggingFace", str(path))
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", str(path))
     assert isinstance(tokenizer, HuggingFaceTokenizer)
     assert tokenizer.eod == tokenizer.vocab["<|endoftext|>"] and tokenizer.pad == tokenizer.vocab["<pad>"]
     assert tokenizer.vocab_size == len(tokenizer.vocab) <= 320
@@ -107,19 +107,19 @@ def test_huggingface_tokenizer_end_to_end(tmp_path):
 
 
 def test_huggingface_tokenizer_errors(tmp_path):
-    with pytest.raises(ValueError, match="HuggingFace needs --tokenizer-model"):
-        build_tokenizer("HuggingFace", None)
+    with pytest.raises(ValueError, match="HuggingFaceTokenizer needs --tokenizer-model"):
+        build_tokenizer("HuggingFaceTokenizer", None)
     with pytest.raises(ValueError, match="--tokenizer-model .*missing.json: no such file"):
-        build_tokenizer("HuggingFace", str(tmp_path / "missing.json"))
+        build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "missing.json"))
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not json")
     with pytest.raises(ValueError, match="--tokenizer-model: cannot load tokenizer file .*garbage.json"):
-        build_tokenizer("HuggingFace", str(garbage))
+        build_tokenizer("HuggingFaceTokenizer", str(garbage))
     no_eod = tmp_path / "no_eod.json"
     train_hf_tokenizer(no_eod, special_tokens=("<|end|>",))
     with pytest.raises(ValueError, match=r"no_eod.json has no end-of-document token .*--eod-token"):
-        build_tokenizer("HuggingFace", str(no_eod))
-    tokenizer = build_tokenizer("HuggingFace", str(no_eod), eod_token="<|end|>")
+        build_tokenizer("HuggingFaceTokenizer", str(no_eod))
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", str(no_eod), eod_token="<|end|>")
     assert tokenizer.eod == tokenizer.vocab["<|end|>"] and tokenizer.pad == NO_PAD_ID
 
 
@@ -198,8 +198,8 @@ def test_preprocess_cli(tmp_path, capsys):
     help_text = tool.build_parser().format_help()
     for flag in ("--input", "--output-prefix", "--json-key", "--tokenizer-type", "--tokenizer-model", "--no-append-eod"):
         assert flag in help_text
-    assert tool.main(["--input", str(tmp_path / "in"), "--output-prefix", prefix, "--tokenizer-type", "HuggingFace"]) == 2
-    assert "error: --tokenizer-type HuggingFace needs --tokenizer-model" in capsys.readouterr().err
+    assert tool.main(["--input", str(tmp_path / "in"), "--output-prefix", prefix, "--tokenizer-type", "HuggingFaceTokenizer"]) == 2
+    assert "error: --tokenizer-type HuggingFaceTokenizer needs --tokenizer-model" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ GPT datasets
