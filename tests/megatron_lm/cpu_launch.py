@@ -5,7 +5,7 @@
 Megatron-LM has no CPU mode; what its ``pretrain()`` needs beyond megatron_mtp's CPU bridge is stood in for here,
 test code only: the CUDA assertion and device count of ``initialize_megatron`` (so that Megatron-LM itself sets
 up model parallelism and the RNG tracker), the fused-kernel build and the ``torch.compile`` warm-up, CUDA
-memory statistics, and on Python < 3.12 ``typing.override`` (imported by Megatron-LM core_r0.19.0).
+RNG state and memory statistics, the GPU architecture, and on Python < 3.12 ``typing.override`` (imported by Megatron-LM core_r0.19.0).
 """
 
 import functools
@@ -28,12 +28,16 @@ def install_cpu_stand_ins() -> None:
     cpu_bridge.enable()
     torch.cuda.device_count = lambda: 1  # Megatron-LM initialises model parallelism and seeds only with a device
     torch.cuda.set_device = lambda device: None
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # checkpoints hold an RNG state
+    torch.cuda.set_rng_state = lambda state, device="cuda": None
     torch.cuda.memory_allocated = lambda device=None: 0
     torch.cuda.max_memory_allocated = lambda device=None: 0
     torch.cuda.memory_reserved = lambda device=None: 0
     torch.cuda.max_memory_reserved = lambda device=None: 0
 
-    from megatron.training import initialize, training
+    from megatron.training import arguments, initialize, training
+
+    arguments.get_device_arch_version = lambda: 9  # pre-Blackwell rules (CUDA_DEVICE_MAX_CONNECTIONS=1)
 
     training.initialize_megatron = functools.partial(training.initialize_megatron, allow_no_cuda=True)
     initialize._compile_dependencies = lambda: None
