@@ -10,7 +10,6 @@ RNG state and memory statistics, the GPU architecture, and on Python < 3.12 ``ty
 
 import functools
 import os
-import runpy
 import sys
 import typing
 
@@ -49,7 +48,11 @@ def main() -> None:
     sys.path[:0] = [os.path.dirname(script), os.path.abspath(megatron_lm_dir)]
     sys.argv = [script, *sys.argv[2:]]
     install_cpu_stand_ins()
-    runpy.run_path(script, run_name="__main__")
+    # Not runpy.run_path: that makes the script the __main__ module, which the torch_dist checkpoint writer's
+    # spawned helper process then imports, without these stand-ins (on Python 3.11 core_r0.19.0 fails there).
+    with open(script) as f:
+        code = compile(f.read(), script, "exec")
+    exec(code, {"__name__": "__main__", "__file__": script, "__builtins__": __builtins__})
 
 
 if __name__ == "__main__":
