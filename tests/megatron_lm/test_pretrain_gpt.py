@@ -1,7 +1,7 @@
 """Megatron-LM's own ``pretrain()`` through the patched ``pretrain_gpt.py``, on CPU, two processes.
 
 The release matching the installed megatron-core (core_v0.16.1 or core_r0.19.0) runs a tiny GPT for three
-iterations on mock data at TP=2 and at PP=2, each MTP mode, with megatron_mtp's per-depth metrics in Megatron-LM's
+iterations on mock data at TP=2 (sequential MTP) and at PP=2 (parallel heads, untied), with megatron_mtp's per-depth metrics in Megatron-LM's
 log and TensorBoard; a checkpoint saved by Megatron-LM at iteration 2 is resumed and iteration 3 is repeated.
 """
 
@@ -104,15 +104,6 @@ def test_tensor_parallel_equals_one_process(script, saved_runs):
     for iteration in ITERATIONS:
         for key in ("lm loss", "mtp_1 loss", "mtp_2 loss"):
             assert math.isclose(tp2[iteration][key], one[iteration][key], rel_tol=1e-5), (iteration, key)
-
-
-@pytest.mark.parametrize("parallelism, mode", [("tp2", "parallel"), ("pp2", "sequential")])
-def test_trains_with_per_depth_metrics(script, parallelism, mode):
-    log = logged_iterations(run_pretrain_gpt(script, 2, [*PARALLELISM[parallelism], *_mtp_flags(mode)]))
-    assert set(log) == ITERATIONS
-    for entries in log.values():
-        assert {"lm loss", "mtp_1 loss", "mtp_2 loss"} <= set(entries)
-        assert all(0 < entries[key] < 2 * math.log(128) for key in ("mtp_1 loss", "mtp_2 loss"))
 
 
 @pytest.mark.parametrize("release", RELEASES)
