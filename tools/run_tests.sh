@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up one virtualenv per supported Megatron-Core release and run the whole test suite in each.
-#   .venv     megatron-core 0.16.1, the newest wheel for Python 3.11
+#   .venv     megatron-core 0.16.1, the newest wheel for Python 3.11 (+ triton, imported by Megatron-LM's
+#             megatron.training through Megatron-Core's batch-invariant kernels; tests/megatron_lm)
 #   .venv019  megatron-core 0.19.2 (what current GPU images get), built from its sdist: it declares Python >= 3.12
 #             but runs on 3.11; its import needs triton, which it does not declare
 # Both suites run even if the first fails; the exit status is non-zero if either failed.
@@ -8,7 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 setup_016() {
-    python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 megatron-core==0.16.1 &&
+    python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 megatron-core==0.16.1 triton==3.9.0 &&
         .venv/bin/pip install -q -e ".[test]"
 }
 
