@@ -1,7 +1,8 @@
 """Side-by-side benchmark: no MTP, Megatron-Core's MTP, and ours (sequential plain / chunked, parallel heads).
 
-Every (vocab, D, implementation) case runs in a fresh process, so its peak memory is its own: RSS high-water
-mark on CPU, ``torch.cuda.max_memory_allocated`` on GPU. A step is one forward + backward of a GPT with
+Every (vocab, D, implementation) case runs in a fresh process, so its peak memory is its own: the peak of the
+bytes allocated, ``torch.cuda.max_memory_allocated`` on GPU and the same reckoning on CPU (the model's storages
+plus a profiled step's peak; see ``_cpu_peak_allocated_mb``). A step is one forward + backward of a GPT with
 MTP on random tokens (no optimizer). Cases are interleaved (rounds run the cases in rotated order) so a
 machine that slows down does not favour one implementation. Reports the median step time after warm-up and
 the peak memory added over the no-MTP model of the same vocabulary, as a markdown table, JSON and a PNG.
@@ -139,8 +140,13 @@ def _measure(settings: dict) -> dict:
         loss = model(**batch)
         ((loss * mask).sum() / mask.sum()).backward()
 
-    times = []
+    if device == "cpu" and settings["warmup"] < 1:
+        raise SystemExit("on CPU the first warm-up step measures the memory: --warmup must be at least 1")
+    times, peak_mb = [], None
     for index in range(settings["warmup"] + settings["steps"]):
+        if device == "cpu" and index == 0:
+            peak_mb = _cpu_peak_allocated_mb(model, step)
+            continue
         if index == settings["warmup"] and device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         if device == "cuda":
@@ -153,17 +159,16 @@ def _measure(settings: dict) -> dict:
             times.append(time.perf_counter() - start)
     if device == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = _cpu_peak_allocated_mb(model, step)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     return dict(step_s=statistics.median(times), step_times=times, peak_mb=peak_mb, peak_rss_mb=rss_mb, device=device)
 
 
 def _cpu_peak_allocated_mb(model, step) -> float:
     """On CPU, what ``torch.cuda.max_memory_allocated`` reports on GPU for a step: the storages the model holds
-    between steps (parameters, buffers, Megatron DDP's gradient buffers) plus the peak of what one more step
-    allocates on top, from the profiler's account of the CPU allocator. Not the RSS: untouched ``torch.empty``
-    pages and the model's initialisation would count there, and freed heap need not go back to the system."""
+    between steps (parameters, buffers, Megatron DDP's gradient buffers) plus the peak of what the step (the first
+    warm-up step, run here; one-time buffers count once) allocates on top, from the profiler's account of the CPU
+    allocator. Not the RSS: untouched ``torch.empty`` pages and the model's initialisation would count there, and
+    freed heap need not go back to the system."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -306,7 +311,7 @@ def _markdown(rows: list, args) -> str:
         f"hidden {args.hidden_size}, {args.num_layers} layers, seq {args.seq_length}, batch {args.micro_batch_size}, "
         f"fp32, {ddp}, gradient-accumulation fusion {'on' if args.gradient_accumulation_fusion else 'off'}, "
         f"device {device}, chunk {args.chunk_size}; median of {args.steps} steps x {args.rounds} round(s) after "
-        f"{args.warmup} warm-up; memory = peak {'RSS' if device == 'cpu' else 'allocated'} of a fresh process. "
+        f"{args.warmup} warm-up; memory = peak allocated bytes of a fresh process. "
         f"Floor: what Megatron-Core's MTP adds at vocab {args.floor_vocab} (its MTP layers, next to no logits).",
         "",
         "| vocab | D | implementation | step (s) | time vs Megatron | peak (MB) | added over no MTP (MB) "
