@@ -13,6 +13,8 @@ tracker, streams and ``torch.cuda.synchronize()``. Rather than patching each cal
 * defines ``moe_utils.te_general_gemm`` (None) that the MoE router uses unguarded without TE;
 * stands in for apex's ``fused_weight_gradient_mlp_cuda`` (the weight-gradient kernel of
   ``gradient_accumulation_fusion``: ``main_grad += grad_output^T @ input``), so fusion on runs on the CPU;
+* hands that path TransformerEngine's one cached dummy weight gradient per shape, as on a TE host, instead of
+  a fresh weight-sized ``torch.empty`` per call that GPU runs never allocate (memory measured here stays true);
 * gives the alltoall MoE dispatcher numpy split sizes and events it can synchronize on;
 * offers :class:`SequenceParallelNorm` and :func:`with_sequence_parallel_norms` because Megatron's
   torch norm refuses sequence parallelism (TE or apex provide that norm on GPU).
@@ -150,6 +152,7 @@ def enable() -> None:
             moe_utils.te_general_gemm = None
         token_dispatcher.maybe_move_tensor_to_cpu = _host_tensor
         _install_wgrad_kernel()
+        _install_dummy_wgrad()
         _enabled = True
     if not getattr(_state, "mode", None):
         _state.mode = _CudaToCpu()
@@ -172,6 +175,27 @@ def _install_wgrad_kernel() -> None:
     sys.modules["fused_weight_gradient_mlp_cuda"] = kernel
     mcore_layers.fused_weight_gradient_mlp_cuda = kernel
     mcore_layers._grad_accum_fusion_available = True
+
+
+def _install_dummy_wgrad() -> None:
+    """Megatron's fused linear returns a dummy weight gradient once the real one is in ``main_grad``: TE's
+    ``get_dummy_wgrad`` buffer where TE is installed, else a new ``[out, in]`` tensor per call. ``HAVE_TE`` in
+    ``tensor_parallel.layers`` selects only that and a CPU-offloading check (0.16 and 0.19)."""
+    mcore_layers.get_dummy_wgrad = _cached_dummy_wgrad
+    mcore_layers.HAVE_TE = True
+
+
+_dummy_wgrads = {}
+
+
+def _cached_dummy_wgrad(shape: list, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+    """TE's ``get_dummy_wgrad``: one buffer per (shape, dtype), zeroed on request, never summed into in place."""
+    key = (tuple(shape), dtype)
+    if key not in _dummy_wgrads:
+        _dummy_wgrads[key] = torch.empty(shape, dtype=dtype)
+    if zero:
+        _dummy_wgrads[key].zero_()
+    return _dummy_wgrads[key].detach()
 
 
 def _wgrad_gemm_accum_fp32(input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:

@@ -37,6 +37,7 @@ class _MTPCall(NamedTuple):
     stats: Optional[MTPStats] = None
     step: Optional[int] = None
     compute_mtp: Optional[bool] = None
+    decoder_input_given: bool = False  # the caller's own decoder input, not the embedding of input_ids
 
 
 class MTPGPTModel(GPTModel):
@@ -149,7 +150,7 @@ class MTPGPTModel(GPTModel):
         Returns:
             labels given: per-token next-token loss [b, s]; else logits [b, s, V] (V/tp unless gathered).
         """
-        self._mtp_call = _MTPCall(mtp_stats, mtp_step, compute_mtp)
+        self._mtp_call = _MTPCall(mtp_stats, mtp_step, compute_mtp, decoder_input is not None)
         try:
             return super().forward(
                 input_ids, position_ids, attention_mask, decoder_input, labels, inference_context,
@@ -203,9 +204,7 @@ class MTPGPTModel(GPTModel):
         depth_hidden_states = self.mtp(
             hidden_states,
             kwargs.get("attention_mask"),
-            input_ids=input_ids,
-            position_ids=position_ids,
-            embedding=self.embedding if self.mtp_process else None,
+            **self._token_embeddings(call, input_ids, position_ids, kwargs.get("decoder_input")),
             rotary_pos_emb=kwargs.get("rotary_pos_emb"),
             rotary_pos_cos=kwargs.get("rotary_pos_cos"),
             rotary_pos_sin=kwargs.get("rotary_pos_sin"),
@@ -224,6 +223,22 @@ class MTPGPTModel(GPTModel):
             latent_targets=self._latent_targets(hidden_states) if config.latent_losses else None,
             want_stats=call.stats is not None,
         )
+
+    def _token_embeddings(self, call: _MTPCall, input_ids, position_ids, decoder_input) -> dict:
+        """Sequential MTP's token embeddings [s, b, h] (see ``MTPBlock.forward``): on the first stage the decoder's
+        own input (its gradient joins the main lookup's), on a later stage one lookup in this stage's copy."""
+        if not self.mtp_process:
+            return {}
+        if self.pre_process and not call.decoder_input_given:
+            embedded = decoder_input
+        else:
+            embedded = self.embedding(input_ids=input_ids, position_ids=position_ids)
+        with torch.no_grad():
+            tail = self.embedding(
+                input_ids=torch.zeros_like(input_ids),
+                position_ids=None if position_ids is None else torch.zeros_like(position_ids),
+            )
+        return dict(token_embeddings=embedded, tail_embeddings=tail)
 
     def _depth_loss(self):
         if self.mtp_config.loss_implementation == "plain":

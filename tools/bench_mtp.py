@@ -130,26 +130,60 @@ def _measure(settings: dict) -> dict:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, batch, mask = _build(settings, device)
-    times = []
-    for step in range(settings["warmup"] + settings["steps"]):
+
+    def step():
         if settings["megatron_ddp"]:
             model.zero_grad_buffer()
         for param in model.parameters():
             param.grad = None
+        loss = model(**batch)
+        ((loss * mask).sum() / mask.sum()).backward()
+
+    times = []
+    for index in range(settings["warmup"] + settings["steps"]):
+        if index == settings["warmup"] and device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = model(**batch)
-        ((loss * mask).sum() / mask.sum()).backward()
+        step()
         if device == "cuda":
             torch.cuda.synchronize()
-        if step >= settings["warmup"]:
+        if index >= settings["warmup"]:
             times.append(time.perf_counter() - start)
     if device == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    return dict(step_s=statistics.median(times), step_times=times, peak_mb=peak_mb, device=device)
+        peak_mb = _cpu_peak_allocated_mb(model, step)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return dict(step_s=statistics.median(times), step_times=times, peak_mb=peak_mb, peak_rss_mb=rss_mb, device=device)
+
+
+def _cpu_peak_allocated_mb(model, step) -> float:
+    """On CPU, what ``torch.cuda.max_memory_allocated`` reports on GPU for a step: the storages the model holds
+    between steps (parameters, buffers, Megatron DDP's gradient buffers) plus the peak of what one more step
+    allocates on top, from the profiler's account of the CPU allocator. Not the RSS: untouched ``torch.empty``
+    pages and the model's initialisation would count there, and freed heap need not go back to the system."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    held = {}
+    for tensor in [*model.parameters(), *torch.nn.Module.buffers(model)]:  # DDP names its grad buffers "buffers"
+        for kept in (tensor, getattr(tensor, "main_grad", None)):
+            if kept is not None:
+                held[kept.untyped_storage().data_ptr()] = kept.untyped_storage().nbytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    changes = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in profiler.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
+    live = step_peak = 0
+    for _, nbytes in changes:  # + allocated, - freed
+        live += nbytes
+        step_peak = max(step_peak, live)
+    return (sum(held.values()) + step_peak) / 2**20
 
 
 def _build(settings: dict, device: str):

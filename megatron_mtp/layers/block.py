@@ -1,17 +1,17 @@
 """The MTP block: D sequential depths or D parallel heads, registered as ``mtp.layers.{k-1}``."""
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Union
+from typing import List, Optional, Union
 
 import torch
 
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mtp.config import MTPConfig
-from megatron_mtp.layers.roll import roll_left
 
 
 @dataclass
@@ -31,6 +31,7 @@ class MTPBlock(MegatronModule):
     ):
         super().__init__(config=config)
         self.mode = mtp_config.mode
+        self.tp_group = pg_collection.tp
         self.layers = torch.nn.ModuleList(
             build_module(submodules.layer, config=config, depth=k, pg_collection=pg_collection, vp_stage=vp_stage)
             for k in range(1, mtp_config.num_layers + 1)
@@ -40,9 +41,8 @@ class MTPBlock(MegatronModule):
         self,
         hidden_states: torch.Tensor,
         attention_mask: Optional[torch.Tensor],
-        input_ids: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        embedding: Optional[Callable] = None,
+        token_embeddings: Optional[torch.Tensor] = None,
+        tail_embeddings: Optional[torch.Tensor] = None,
         rotary_pos_emb: Optional[torch.Tensor] = None,
         rotary_pos_cos: Optional[torch.Tensor] = None,
         rotary_pos_sin: Optional[torch.Tensor] = None,
@@ -50,8 +50,10 @@ class MTPBlock(MegatronModule):
         """
         Args:
             hidden_states: h_0, the decoder's final-normed output, [s, b, h] ([s/tp, b, h] with SP).
-            input_ids, position_ids: [b, s], un-rolled; needed by sequential depths only.
-            embedding: the model's word(+position) embedding, ``embedding(input_ids=, position_ids=) -> [s, b, h]``.
+            token_embeddings: the embedding of the un-rolled input ids, shaped like ``hidden_states`` (sequential
+                depths only). Depth k reads it rolled left by k, the embedding of token t+k at position t.
+            tail_embeddings: what depth k reads at the last k positions, past the sequence end, shaped like
+                ``hidden_states``, without gradient: Megatron-Core's MTP embeds token 0 at position 0 there.
         Returns:
             [h_1, ..., h_D], each shaped like ``hidden_states``; h_k feeds the prediction of token t+k+1.
         """
@@ -61,13 +63,21 @@ class MTPBlock(MegatronModule):
             for head in self.layers:
                 outputs.append(head(hidden_states, attention_mask, **rotary))
             return outputs
+        # One embedding rolled per depth instead of a lookup of rolled ids per depth (Megatron-Core's way): the
+        # same values everywhere, and no dense [V/tp, h] embedding gradient per depth. The positions past the end
+        # have no target; their values still reach MoE routers' aux losses, whose gradient Megatron-Core sends
+        # into token 0's embedding row and this does not (see docs/design.md).
+        if self.config.sequence_parallel:  # each rank rolls the whole sequence and keeps its own slice
+            token_embeddings = gather_from_sequence_parallel_region(
+                token_embeddings, tensor_parallel_output_grad=False, group=self.tp_group
+            )
+            tail_embeddings = gather_from_sequence_parallel_region(tail_embeddings, tensor_parallel_output_grad=False, group=self.tp_group)
         previous = hidden_states
         for depth, layer in enumerate(self.layers, start=1):
-            token_embeddings = embedding(
-                input_ids=roll_left(input_ids, depth),
-                position_ids=None if position_ids is None else roll_left(position_ids, depth),
-            )
-            previous = layer(previous, token_embeddings, attention_mask, **rotary)
+            rolled = torch.cat((token_embeddings[depth:], tail_embeddings[:depth]))
+            if self.config.sequence_parallel:
+                rolled = scatter_to_sequence_parallel_region(rolled, group=self.tp_group)
+            previous = layer(previous, rolled, attention_mask, **rotary)
             outputs.append(previous)
         return outputs
 

@@ -17,8 +17,12 @@ and freed. Gradients come chunk by chunk as well, ``dL/dlogits = mask * (softmax
 
 Where ``dL/dW`` goes: with gradient-accumulation fusion and Megatron DDP's ``main_grad`` on the weight (the
 condition of Megatron's ``LinearWithGradAccumulationAndAsyncCommunication``), it is added into ``main_grad``
-with the same fused kernel, ``grad_added_to_main_grad`` is set and a zero stand-in is returned, so DDP's hook
-(which then ignores ``param.grad``) loses nothing. Otherwise it is returned through autograd.
+with the same fused kernel, ``grad_added_to_main_grad`` is set and no gradient is returned (None), so DDP's hook
+(which then ignores ``param.grad``) loses nothing. Otherwise it is returned through autograd. Returning None, not a
+zero stand-in, matters for memory: GPTModel's output layer uses the same weight in the same backward and returns
+Megatron's dummy weight gradient (TransformerEngine's one cached buffer on GPU); any second gradient for the weight
+would make autograd sum the two into a new ``[V/tp, h]`` tensor. That dummy is also what keeps ``param.grad`` set
+for DDP's hook under ``overlap_grad_reduce``.
 
 Which variant (``grad_in_forward=None``, the default): without metrics, recompute. With metrics
 (:func:`gradients_in_forward`): with ``main_grad``, recompute, adding each chunk's ``dL/dW`` straight into ``main_grad`` in backward, so no weight-sized buffer
@@ -124,7 +128,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
 
     With ``into_main_grad`` the weight gradient is added into ``weight.main_grad`` as Megatron's
     ``LinearWithGradAccumulationAndAsyncCommunication`` does under gradient-accumulation fusion (same kernel,
-    ``grad_added_to_main_grad`` set, a zero stand-in returned so DDP's hook adds nothing more).
+    ``grad_added_to_main_grad`` set) and no weight gradient is returned (module docstring).
     """
 
     @staticmethod
@@ -171,7 +175,8 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             if ctx.main_grad is None:
                 return grad_x, grad_weight.to(weight.dtype), *_NONES
             ctx.main_grad.add_(grad_weight)
-            return grad_x, _added_to_main_grad(weight), *_NONES
+            _added_to_main_grad(weight)
+            return grad_x, None, *_NONES
         x, weight, labels, mask = ctx.saved_tensors
         grad_x = torch.empty_like(x)
         if ctx.main_grad is None:
@@ -185,7 +190,8 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             _backpropagate_chunk(chunk.grad_logits(mask[rows] * grad_loss), x, weight, rows, grad_x, add_weight_grad)
         if ctx.main_grad is None:
             return grad_x, grad_weight.to(weight.dtype), *_NONES
-        return grad_x, _added_to_main_grad(weight), *_NONES
+        _added_to_main_grad(weight)
+        return grad_x, None, *_NONES
 
 
 # No gradient for labels, mask, tp_group, chunk_size, grad_in_forward, want_stats, into_main_grad.
@@ -204,14 +210,10 @@ def _writes_main_grad(output_layer, weight) -> bool:
     return hasattr(weight, "main_grad")
 
 
-def _added_to_main_grad(weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """The weight "gradient" to return once it is in ``main_grad``, as Megatron's fused linear returns it: under
-    Megatron DDP a zero stand-in (its hook adds ``param.grad`` only for weights shared on one stage, which
-    Megatron marks ``zero_out_wgrad``; zero is right either way), costing no memory; else None."""
-    if not hasattr(weight, "grad_added_to_main_grad"):
-        return None
-    weight.grad_added_to_main_grad = True
-    return torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+def _added_to_main_grad(weight: torch.Tensor) -> None:
+    """Mark the weight gradient as already in ``main_grad`` (where Megatron DDP has the flag); nothing to return."""
+    if hasattr(weight, "grad_added_to_main_grad"):
+        weight.grad_added_to_main_grad = True
 
 
 class _ChunkLogits:

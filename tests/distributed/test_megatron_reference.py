@@ -4,6 +4,11 @@ too) and their aux losses on. Each rank builds both models' stage, copies Megatr
 name (strict, but for a weight Megatron-Core allocates and never uses), runs one Megatron training step on each,
 and compares the per-micro-batch LM loss, the per-depth MTP losses, Megatron-Core's per-layer MoE aux-loss log
 and every gradient.
+
+One deliberate difference: the positions past the sequence end, where a depth has no target, read token 0's
+embedding in both, but ours passes no gradient back into it (see docs/design.md). Dense layers send none there
+anyway; MoE MTP layers' aux losses, which count every position, make Megatron-Core's row 0 of the word-embedding
+gradient differ from ours, and only that row.
 """
 
 import pytest
@@ -78,7 +83,10 @@ def _check(rank_results, expect_moe: str = ""):
         for name, values in ours["moe_log"].items():
             torch.testing.assert_close(values, reference["moe_log"][name], atol=1e-5, rtol=0, msg=f"rank {rank} {name}")
         for name, grad in ours["grads"].items():
-            torch.testing.assert_close(grad, reference["grads"][name], atol=1e-5, rtol=0, msg=f"rank {rank} {name}")
+            expected = reference["grads"][name]
+            if expect_moe and name == "embedding.word_embeddings.weight":  # the tail's aux-loss share in row 0
+                grad, expected = grad[1:], expected[1:]
+            torch.testing.assert_close(grad, expected, atol=1e-5, rtol=0, msg=f"rank {rank} {name}")
         if result["last_stage"]:
             for depth in range(DEPTHS):  # the comparison means something only if MTP gradients flow
                 assert ours["grads"][f"mtp.layers.{depth}.eh_proj.weight"].abs().max() > 0, f"rank {rank} {depth}"
