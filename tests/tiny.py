@@ -124,7 +124,7 @@ def build_megatron_core_model(config: TransformerConfig, tied: bool = False, pos
     )
 
 
-def wrap_ddp(model, config, use_distributed_optimizer: bool = False):
+def wrap_ddp(model, config, use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False):
     """Megatron-Core DDP as Megatron-LM wraps a model; in bf16 around ``Float16Module``, with fp32 ``main_grad``
     (Megatron-LM's default for bf16: gradients accumulated and reduced in fp32)."""
     if config.bf16:
@@ -133,7 +133,7 @@ def wrap_ddp(model, config, use_distributed_optimizer: bool = False):
         config=config,
         ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=config.bf16,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=overlap_grad_reduce,
             use_distributed_optimizer=use_distributed_optimizer,
         ),
         module=model,

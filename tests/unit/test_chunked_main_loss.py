@@ -31,7 +31,8 @@ def _step(mtp: MTPConfig, tied: bool, weights=None):
     model = wrap_ddp(model, config)
     stats = MTPStats(mtp.num_layers) if mtp.enabled else None
     batches = make_batches(3, fully_masked_microbatch=1)
-    losses = torch.stack(train_step(model, config, batches, stats))
+    sums, tokens = torch.stack(train_step(model, config, batches, stats)).unbind(-1)
+    losses = torch.stack((sums / tokens.clamp(min=1), tokens), dim=-1)  # per micro-batch: loss per token, tokens
     grads = {name: grad_of(param).clone() for name, param in global_names(model).items()}
     model.eval()
     with torch.no_grad():
