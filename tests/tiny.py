@@ -106,6 +106,15 @@ def build_model(config: TransformerConfig, mtp: MTPConfig, tied: bool = False, p
     )
 
 
+def build_model_with_weights(config: TransformerConfig, mtp: MTPConfig, tied: bool, weights: Optional[dict] = None):
+    """``build_model``, loaded with ``weights`` (an earlier model's) when given; returns it and a copy of its
+    initial weights, so that variants of one model can be compared from the same start."""
+    model = build_model(config, mtp, tied=tied)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model, {name: value.clone() for name, value in model.state_dict().items() if value is not None}
+
+
 def build_megatron_core_model(config: TransformerConfig, tied: bool = False, position: str = "rope") -> GPTModel:
     """Megatron-Core's own GPTModel with its MTP block (``get_gpt_mtp_block_spec``, which is empty off the last
     stage), built as :func:`build_model` builds ours: the reference for sequential MTP."""

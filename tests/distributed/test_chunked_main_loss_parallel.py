@@ -6,7 +6,7 @@ import torch
 
 from megatron_mtp.config import MTPConfig
 from mp_world import run_world
-from tiny import build_model, global_names, grad_of, make_batches, train_step, transformer_config, wrap_ddp
+from tiny import build_model_with_weights, global_names, grad_of, make_batches, train_step, transformer_config, wrap_ddp
 
 PP_CASES = [(0, "sequential", False), (2, "sequential", True), (2, "parallel", False)]  # (num_layers, mode, tied)
 TP_CASES = [(0, "sequential", True), (2, "sequential", False), (2, "parallel", True)]
@@ -20,11 +20,7 @@ def _chunked_minus_plain(cases, tp, pp):
         for main in ("plain", "chunked"):
             mtp = MTPConfig(num_layers=num_layers, mode=mode, loss_chunk_size=5, main_loss_implementation=main)
             config = transformer_config(mtp, tp=tp, pp=pp, sp=tp > 1)
-            model = build_model(config, mtp, tied=tied)
-            if weights is None:
-                weights = {name: value.clone() for name, value in model.state_dict().items() if value is not None}
-            else:
-                model.load_state_dict(weights)
+            model, weights = build_model_with_weights(config, mtp, tied, weights)
             model = wrap_ddp(model, config)
             reports = train_step(model, config, make_batches(3, fully_masked_microbatch=1))
             losses[main] = _mean_losses(reports)

@@ -13,7 +13,16 @@ from megatron_mtp.config import MTPConfig
 from megatron_mtp.loss import MTPStats
 from megatron_mtp.loss.chunked import chunked_token_loss
 from megatron_mtp.loss.mtp_loss import OutputHead
-from tiny import VOCAB, build_model, global_names, grad_of, make_batches, train_step, transformer_config, wrap_ddp
+from tiny import (
+    VOCAB,
+    build_model_with_weights,
+    global_names,
+    grad_of,
+    make_batches,
+    train_step,
+    transformer_config,
+    wrap_ddp,
+)
 
 CASES = [(0, "sequential"), (2, "sequential"), (2, "parallel")]  # (MTP num_layers, mode); 0: no MTP
 
@@ -22,10 +31,7 @@ def _step(mtp: MTPConfig, tied: bool, weights=None):
     """Weights, per-micro-batch LM losses, MTP stats, every parameter's gradient, output-layer calls, and the
     logits of an eval call without labels."""
     config = transformer_config(mtp)
-    model = build_model(config, mtp, tied=tied)
-    if weights is not None:
-        model.load_state_dict(weights)
-    weights = {name: value.clone() for name, value in model.state_dict().items() if torch.is_tensor(value)}
+    model, weights = build_model_with_weights(config, mtp, tied, weights)
     calls = []
     model.output_layer.register_forward_hook(lambda *_: calls.append(1))
     model = wrap_ddp(model, config)

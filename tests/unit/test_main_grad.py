@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.loss.chunked import chunked_depth_loss, gradients_in_forward
 from megatron_mtp.loss.mtp_loss import OutputHead
-from tiny import build_model, global_names, make_batches, train_step, transformer_config, wrap_ddp
+from tiny import build_model_with_weights, global_names, make_batches, train_step, transformer_config, wrap_ddp
 
 LOSSES = {  # 32 tokens per micro-batch: the main loss is chunked by default with 7-token chunks, plain with 512
     "plain": dict(loss_implementation="plain"),
@@ -31,10 +31,7 @@ LOSSES = {  # 32 tokens per micro-batch: the main loss is chunked by default wit
 def _step_main_grads(mtp: MTPConfig, tied: bool, fusion: bool, weights=None, overlap_grad_reduce=False):
     """Initial weights and every parameter's main_grad after one Megatron DDP step of 2 micro-batches."""
     config = transformer_config(mtp, gradient_accumulation_fusion=fusion)
-    model = build_model(config, mtp, tied=tied)
-    if weights is not None:
-        model.load_state_dict(weights)
-    weights = {name: value.clone() for name, value in model.state_dict().items() if torch.is_tensor(value)}
+    model, weights = build_model_with_weights(config, mtp, tied, weights)
     model = wrap_ddp(model, config, overlap_grad_reduce=overlap_grad_reduce)
     train_step(model, config, make_batches(2))
     core = model.module
