@@ -129,7 +129,8 @@ def _config(args: argparse.Namespace) -> MTPConfig:
         raise ValueError("--mtp-loss-scaling-schedule needs --mtp-num-layers >= 1")
     if args.mtp_loss_implementation == "plain" and args.mtp_loss_recompute_logits is not None:
         raise ValueError("--[no-]mtp-loss-recompute-logits applies to --mtp-loss-implementation chunked")
-    if args.mtp_loss_chunk_size is not None and args.mtp_loss_implementation == args.main_loss_implementation == "plain":
+    all_plain = args.mtp_loss_implementation == args.main_loss_implementation == "plain"
+    if args.mtp_loss_chunk_size is not None and all_plain:
         raise ValueError(
             "--mtp-loss-chunk-size applies to --mtp-loss-implementation chunked or --main-loss-implementation chunked"
         )

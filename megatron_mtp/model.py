@@ -7,8 +7,9 @@ vocab-parallel word embedding, which Megatron-Core keeps equal to stage 0's thro
 output layer (tied to the embedding or not).
 
 Training (labels given): ``forward`` returns the per-token next-token loss [b, s], exactly as ``GPTModel``
-does (by default through the chunked output layer + cross-entropy of ``loss/chunked.py``, also without MTP), with the MTP term riding along into backward (see ``loss/mtp_loss.py``). Per-depth losses and
-acceptance counts go to the ``MTPStats`` passed as ``mtp_stats``. Without labels it returns the main
+does, with the MTP term riding along into backward (see ``loss/mtp_loss.py``); by default that loss comes from
+the chunked output layer + cross-entropy of ``loss/chunked.py`` (also without MTP: ``MTPConfig.num_layers=0``).
+Per-depth losses and acceptance counts go to the ``MTPStats`` passed as ``mtp_stats``. Without labels it returns the main
 logits [b, s, V] only; MTP runs in training, and in eval when ``compute_mtp=True``.
 """
 
@@ -230,7 +231,8 @@ class MTPGPTModel(GPTModel):
     def _output_head(self) -> OutputHead:
         """The output layer as the chunked and MTP losses use it (tied: the shared embedding weight)."""
         output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        return OutputHead(self.output_layer, output_weight, self.compute_language_model_loss, self.output_layer.tp_group)
+        tp_group = self.output_layer.tp_group
+        return OutputHead(self.output_layer, output_weight, self.compute_language_model_loss, tp_group)
 
     def _mtp_loss(self, hidden_states: Tensor, call: _MTPCall, **kwargs) -> MTPLossResult:
         """Run the MTP block on the decoder output h_0 [s, b, h] and return its loss term and counts.

@@ -7,9 +7,9 @@ Here the tokens go through in chunks of ``chunk_size``: each chunk's logits are 
 tensor-parallel vocabulary slices (max, sum of exponentials, target logit, and the greedy id for the metrics)
 and freed. Gradients come chunk by chunk as well, ``dL/dlogits = mask * (softmax - onehot)``:
 
-- gradients in forward (the depths' masked sum only: its incoming gradient is one scalar): the forward pass also computes ``dL/dh`` ([n, h]) and ``dL/dW`` ([V/tp, h], fp32)
-  and keeps them; backward only multiplies them by the incoming gradient, which is a scalar because the
-  result is a scalar loss. Three matmuls per chunk, like an ordinary linear + cross-entropy.
+- gradients in forward (a depth's masked sum only): the forward pass also computes ``dL/dh`` ([n, h]) and
+  ``dL/dW`` ([V/tp, h], fp32) and keeps them; backward only multiplies them by the incoming gradient, which is a
+  scalar because the result is a scalar loss. Three matmuls per chunk, like an ordinary linear + cross-entropy.
 - recompute: backward recomputes each chunk's logits. Only the input ``[n, h]`` is kept. When the caller wants
   no metrics (``want_stats=False``: every training step but the logging ones) forward computes nothing and
   backward makes the loss's gradients in one pass: three matmuls per chunk, as Megatron-Core's linear +
@@ -27,7 +27,8 @@ Megatron's dummy weight gradient (TransformerEngine's one cached buffer on GPU);
 would make autograd sum the two into a new ``[V/tp, h]`` tensor. That dummy is also what keeps ``param.grad`` set
 for DDP's hook under ``overlap_grad_reduce`` (which asserts it). When the main loss is chunked too, that output
 layer never runs: the main loss's call then returns Megatron's dummy itself (``weight_grad_stand_in``), and the
-depths still return None, so the weight gets exactly one gradient.
+depths still return None, so the weight gets exactly one gradient. (A broadcast zero, ``zeros(()).expand(...)``,
+would not save the buffer: autograd copies a first gradient without the weight's strides into a new tensor.)
 
 Which variant (``grad_in_forward=None``, the default): without metrics, recompute. With metrics
 (:func:`gradients_in_forward`): with ``main_grad``, recompute, adding each chunk's ``dL/dW`` straight into ``main_grad`` in backward, so no weight-sized buffer
@@ -273,7 +274,8 @@ def _writes_main_grad(output_layer, weight) -> bool:
     if hasattr(weight, "__fsdp_param__"):  # Megatron-FSDP makes main_grad per backward and overwrites it
         raise NotImplementedError(
             "the chunked loss does not support Megatron-FSDP with gradient_accumulation_fusion; "
-            "use --mtp-loss-implementation plain and --main-loss-implementation plain, or --no-gradient-accumulation-fusion"
+            "use --mtp-loss-implementation plain and --main-loss-implementation plain, "
+            "or --no-gradient-accumulation-fusion"
         )
     return hasattr(weight, "main_grad")
 

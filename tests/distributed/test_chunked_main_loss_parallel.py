@@ -13,7 +13,8 @@ TP_CASES = [(0, "sequential", True), (2, "sequential", False), (2, "parallel", T
 
 
 def _chunked_minus_plain(cases, tp, pp):
-    """Per case, this rank's max |chunked - plain| of the per-token LM losses (None off the last stage) and per parameter."""
+    """Per case, this rank's max |chunked - plain| of the per-token LM losses (None off the last stage) and of each
+    parameter's gradient."""
     results = []
     for num_layers, mode, tied in cases:
         weights, losses, grads = None, {}, {}

@@ -76,7 +76,8 @@ def test_megatron_lm_virtual_pipeline_flags_are_refused(flag, capsys):
         (["--mtp-num-layers", "1", "--mtp-loss-chunk-size", "0"], "--mtp-loss-chunk-size must be an int >= 1"),
         (["--mtp-loss-implementation", "plain", "--main-loss-implementation", "plain", "--mtp-loss-chunk-size", "8"],
          "--mtp-loss-chunk-size applies to --mtp-loss-implementation chunked or --main-loss-implementation chunked"),
-        (["--mtp-loss-implementation", "plain", "--mtp-loss-recompute-logits"], "applies to --mtp-loss-implementation chunked"),
+        (["--mtp-loss-implementation", "plain", "--mtp-loss-recompute-logits"],
+         "applies to --mtp-loss-implementation chunked"),
         (["--mtp-num-layers", "1", "--mtp-semantic-anchoring-weight", "-1"], "--mtp-semantic-anchoring-weight must be"),
     ],
 )

@@ -21,7 +21,9 @@ from tiny import build_model_with_weights, global_names, make_batches, train_ste
 LOSSES = {  # 32 tokens per micro-batch: the main loss is chunked by default with 7-token chunks, plain with 512
     "plain": dict(loss_implementation="plain"),
     "chunked": dict(loss_implementation="chunked", loss_chunk_size=7),
-    "chunked depths, plain main loss": dict(loss_implementation="chunked", loss_chunk_size=7, main_loss_implementation="plain"),
+    "chunked depths, plain main loss": dict(
+        loss_implementation="chunked", loss_chunk_size=7, main_loss_implementation="plain"
+    ),
     "chunked, gradients kept from forward": dict(
         loss_implementation="chunked", loss_chunk_size=7, loss_recompute_logits=False
     ),
