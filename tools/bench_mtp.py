@@ -1,9 +1,9 @@
 """Side-by-side benchmark: no MTP, Megatron-Core's MTP, and ours (sequential plain / chunked, parallel heads; with
 the main next-token loss chunked too, with and without MTP: the ``-main`` cases; the others keep GPTModel's).
 
-Every (vocab, D, implementation) case runs in a fresh process, so its peak memory is its own: RSS high-water
-mark on CPU, ``torch.cuda.max_memory_allocated`` on GPU. A step is one forward + backward of a GPT with
-MTP on random tokens (no optimizer). Cases are interleaved (rounds run the cases in rotated order) so a
+Every (vocab, D, implementation) case runs in a fresh process, so its peak memory is its own: peak allocated
+bytes, ``torch.cuda.max_memory_allocated`` on GPU and its CPU counterpart (``_cpu_peak_allocated_mb``). A step is
+one forward + backward of a GPT with MTP on random tokens (no optimizer). Cases are interleaved (rounds run the cases in rotated order) so a
 machine that slows down does not favour one implementation. Reports the median step time after warm-up and
 the peak memory added over the no-MTP model of the same vocabulary, as a markdown table, JSON and a PNG.
 
@@ -314,7 +314,7 @@ def _markdown(rows: list, args) -> str:
         f"hidden {args.hidden_size}, {args.num_layers} layers, seq {args.seq_length}, batch {args.micro_batch_size}, "
         f"fp32, {ddp}, gradient-accumulation fusion {'on' if args.gradient_accumulation_fusion else 'off'}, "
         f"device {device}, chunk {args.chunk_size}; median of {args.steps} steps x {args.rounds} round(s) after "
-        f"{args.warmup} warm-up; memory = peak {'RSS' if device == 'cpu' else 'allocated'} of a fresh process. "
+        f"{args.warmup} warm-up; memory = peak allocated bytes of a fresh process (what is held plus a step's peak). "
         f"Floor: what Megatron-Core's MTP adds at vocab {args.floor_vocab} (its MTP layers, next to no logits).",
         "",
         "| vocab | D | implementation | step (s) | time vs Megatron | peak (MB) | added over no MTP (MB) "
