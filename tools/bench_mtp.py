@@ -3,8 +3,8 @@ the main next-token loss chunked too, with and without MTP: the ``-main`` cases;
 
 Every (vocab, D, implementation) case runs in a fresh process, so its peak memory is its own: peak allocated
 bytes, ``torch.cuda.max_memory_allocated`` on GPU and its CPU counterpart (``_cpu_peak_allocated_mb``). A step is
-one forward + backward of a GPT with MTP on random tokens (no optimizer). Cases are interleaved (rounds run the cases in rotated order) so a
-machine that slows down does not favour one implementation. Reports the median step time after warm-up and
+one forward + backward of a GPT with MTP on random tokens (no optimizer). Cases are interleaved (rounds run the
+cases in rotated order) so a machine that slows down does not favour one implementation. Reports the median step time after warm-up and
 the peak memory added over the no-MTP model of the same vocabulary, as a markdown table, JSON and a PNG.
 
 The floor: Megatron-Core's MTP at a tiny vocabulary (``--floor-vocab``) adds what both implementations need
