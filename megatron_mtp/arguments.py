@@ -68,7 +68,14 @@ def add_mtp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--mtp-loss-chunk-size", type=int, default=None,
-        help="Tokens per chunk of the chunked MTP loss. Default 512.",
+        help="Tokens per chunk of the chunked losses (MTP depths and --main-loss-implementation chunked). Default 512.",
+    )
+    group.add_argument(
+        "--main-loss-implementation", choices=LOSS_IMPLEMENTATIONS, default=None,
+        help="The main next-token loss, with or without MTP. chunked: output layer + cross-entropy over token "
+        "chunks, never all [tokens, vocab/tp] logits at once (one more output-layer matmul per chunk). plain: "
+        "Megatron-Core's output layer and loss. Default: chunked when a micro-batch has more tokens than the "
+        "chunk size (then it holds fewer logits). Inference and calls without labels return the logits either way.",
     )
     group.add_argument(
         "--mtp-loss-recompute-logits", action="store_const", const=True, default=None,
@@ -120,10 +127,12 @@ def _config(args: argparse.Namespace) -> MTPConfig:
         )
     if num_layers == 0 and args.mtp_loss_scaling_schedule:
         raise ValueError("--mtp-loss-scaling-schedule needs --mtp-num-layers >= 1")
-    chunk_flags = args.mtp_loss_chunk_size is not None or args.mtp_loss_recompute_logits is not None
-    if args.mtp_loss_implementation == "plain" and chunk_flags:
+    if args.mtp_loss_implementation == "plain" and args.mtp_loss_recompute_logits is not None:
+        raise ValueError("--[no-]mtp-loss-recompute-logits applies to --mtp-loss-implementation chunked")
+    all_plain = args.mtp_loss_implementation == args.main_loss_implementation == "plain"
+    if args.mtp_loss_chunk_size is not None and all_plain:
         raise ValueError(
-            "--mtp-loss-chunk-size and --[no-]mtp-loss-recompute-logits apply to --mtp-loss-implementation chunked"
+            "--mtp-loss-chunk-size applies to --mtp-loss-implementation chunked or --main-loss-implementation chunked"
         )
     try:
         return MTPConfig(
@@ -135,6 +144,7 @@ def _config(args: argparse.Namespace) -> MTPConfig:
             loss_scaling_schedule=args.mtp_loss_scaling_schedule,
             loss_implementation=args.mtp_loss_implementation,
             loss_recompute_logits=args.mtp_loss_recompute_logits,
+            main_loss_implementation=args.main_loss_implementation,
             latent_consistency_weight=args.mtp_latent_consistency_weight,
             semantic_anchoring_weight=args.mtp_semantic_anchoring_weight,
             **({} if args.mtp_loss_chunk_size is None else {"loss_chunk_size": args.mtp_loss_chunk_size}),

@@ -45,7 +45,15 @@ class MTPConfig:
     chunk's logits (``loss/chunked.py``); ``plain``: full logits per depth, as Megatron-Core does."""
 
     loss_chunk_size: int = 512
-    """Tokens per chunk for the chunked loss."""
+    """Tokens per chunk for the chunked losses (MTP depths and main)."""
+
+    main_loss_implementation: Optional[str] = None
+    """The main next-token loss in training and evaluation with labels: ``chunked`` runs the output layer +
+    cross-entropy over token chunks like the MTP depths (``loss.chunked.chunked_token_loss``: the [tokens, V/tp]
+    logits and their softmax, the largest activation at large vocabularies, never exist at once; one more matmul
+    per chunk, as the logits are recomputed in backward); ``plain``: ``GPTModel``'s output layer and loss. None
+    (default): chunked wherever it holds fewer logits, i.e. when a micro-batch has more tokens than
+    ``loss_chunk_size``. Applies without MTP too (``num_layers=0``). Without labels the logits are returned."""
 
     loss_recompute_logits: Optional[bool] = None
     """Chunked loss only: True recomputes each chunk's logits in backward (four matmuls per chunk, keeps only the
@@ -82,6 +90,11 @@ class MTPConfig:
             raise ValueError(
                 f"unknown MTP loss_implementation {self.loss_implementation!r}; "
                 f"choose one of {', '.join(LOSS_IMPLEMENTATIONS)}"
+            )
+        if self.main_loss_implementation not in (None, *LOSS_IMPLEMENTATIONS):
+            raise ValueError(
+                f"unknown main_loss_implementation {self.main_loss_implementation!r}; "
+                f"choose one of {', '.join(LOSS_IMPLEMENTATIONS)} (or None: chosen per micro-batch)"
             )
         if not (self.loss_recompute_logits is None or isinstance(self.loss_recompute_logits, bool)):
             raise ValueError(f"MTP loss_recompute_logits must be None, True or False, got {self.loss_recompute_logits!r}")

@@ -7,8 +7,9 @@ vocab-parallel word embedding, which Megatron-Core keeps equal to stage 0's thro
 output layer (tied to the embedding or not).
 
 Training (labels given): ``forward`` returns the per-token next-token loss [b, s], exactly as ``GPTModel``
-does, with the MTP term riding along into backward (see ``loss/mtp_loss.py``). Per-depth losses and
-acceptance counts go to the ``MTPStats`` passed as ``mtp_stats``. Without labels it returns the main
+does, with the MTP term riding along into backward (see ``loss/mtp_loss.py``); by default that loss comes from
+the chunked output layer + cross-entropy of ``loss/chunked.py`` (also without MTP: ``MTPConfig.num_layers=0``).
+Per-depth losses and acceptance counts go to the ``MTPStats`` passed as ``mtp_stats``. Without labels it returns the main
 logits [b, s, V] only; MTP runs in training, and in eval when ``compute_mtp=True``.
 """
 
@@ -18,6 +19,7 @@ from typing import Literal, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from megatron.core.config_logger import has_config_logger_enabled
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -25,7 +27,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mtp.config import MTPConfig
-from megatron_mtp.loss.chunked import chunked
+from megatron_mtp.loss.chunked import chunked, chunked_token_loss
 from megatron_mtp.loss.latent import LatentTargets
 from megatron_mtp.loss.metrics import MTPStats, count_main_agreement, vocab_parallel_argmax
 from megatron_mtp.loss.mtp_loss import MTPLossResult, OutputHead, inject_mtp_loss, mtp_loss, plain_depth_loss
@@ -160,7 +162,8 @@ class MTPGPTModel(GPTModel):
             self._mtp_call = None
 
     def _postprocess(self, hidden_states: Tensor, **kwargs) -> Tensor:
-        """MTP loss on the decoder output h_0 [s, b, h], then ``GPTModel``'s own output layer and next-token loss.
+        """MTP loss on the decoder output h_0 [s, b, h], then the next-token loss: chunked (``_chunks_main_loss``),
+        or ``GPTModel``'s own output layer and loss.
 
         ``kwargs`` are whatever this release's ``GPTModel.forward`` passes; they go on to ``GPTModel._postprocess``
         unchanged (inference contexts, last-token logits, output processors keep working), except that
@@ -184,14 +187,52 @@ class MTPGPTModel(GPTModel):
                 )
             # Before the main logits exist, so the MTP loss's transient buffers do not add to theirs.
             mtp_result = self._mtp_loss(hidden_states, call, **kwargs)
-        with _main_predictions_recorded(self.output_layer, enabled=run_mtp and call.stats is not None) as main:
-            with _without_megatron_mtp(self.config):
-                output = super()._postprocess(hidden_states=hidden_states, **kwargs)
+        want_main_predictions = run_mtp and call.stats is not None
+        if self._chunks_main_loss(hidden_states, kwargs):
+            output, main_predictions = chunked_token_loss(
+                hidden_states, self._output_head(), labels, want_main_predictions, self.mtp_config.loss_chunk_size
+            )
+        else:
+            with _main_predictions_recorded(self.output_layer, enabled=want_main_predictions) as main:
+                with _without_megatron_mtp(self.config):
+                    output = super()._postprocess(hidden_states=hidden_states, **kwargs)
+            main_predictions = main.predictions
         if not run_mtp:
             return output
         if call.stats is not None:
-            call.stats.add(count_main_agreement(mtp_result.stats, mtp_result.predictions, main.predictions, loss_mask))
+            call.stats.add(count_main_agreement(mtp_result.stats, mtp_result.predictions, main_predictions, loss_mask))
         return inject_mtp_loss(output, mtp_result.term, loss_mask, self.config.calculate_per_token_loss)
+
+    def _chunks_main_loss(self, hidden_states: Tensor, kwargs: dict) -> bool:
+        """Whether the main per-token loss comes from ``chunked_token_loss`` instead of ``GPTModel._postprocess``.
+
+        Only for calls with labels that ``GPTModel._postprocess`` would answer with the output layer followed by
+        ``compute_language_model_loss`` and nothing else: not under an inference context, an output processor
+        (0.18+), muP's logit scaling or the config logger (which writes the logits to disk); those keep the plain
+        path. ``main_loss_implementation=None``: chunked when the micro-batch has more tokens than one chunk.
+        """
+        implementation = self.mtp_config.main_loss_implementation
+        if kwargs.get("labels") is None or implementation == "plain":
+            return False
+        if (
+            kwargs.get("inference_context") is not None
+            or kwargs.get("output_processor") is not None
+            or getattr(self.config, "use_mup", False)
+            or has_config_logger_enabled(self.config)
+        ):
+            return False
+        if implementation == "chunked":
+            return True
+        tokens = hidden_states.shape[0] * hidden_states.shape[1]
+        if self.config.sequence_parallel:
+            tokens *= self.config.tensor_model_parallel_size
+        return tokens > self.mtp_config.loss_chunk_size
+
+    def _output_head(self) -> OutputHead:
+        """The output layer as the chunked and MTP losses use it (tied: the shared embedding weight)."""
+        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        tp_group = self.output_layer.tp_group
+        return OutputHead(self.output_layer, output_weight, self.compute_language_model_loss, tp_group)
 
     def _mtp_loss(self, hidden_states: Tensor, call: _MTPCall, **kwargs) -> MTPLossResult:
         """Run the MTP block on the decoder output h_0 [s, b, h] and return its loss term and counts.
@@ -210,10 +251,9 @@ class MTPGPTModel(GPTModel):
             rotary_pos_sin=kwargs.get("rotary_pos_sin"),
         )
         config = self.mtp_config
-        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         return mtp_loss(
             depth_hidden_states,
-            OutputHead(self.output_layer, output_weight, self.compute_language_model_loss, self.output_layer.tp_group),
+            self._output_head(),
             labels,
             loss_mask,
             depth_weights=config.depth_weights(),

@@ -106,6 +106,15 @@ def build_model(config: TransformerConfig, mtp: MTPConfig, tied: bool = False, p
     )
 
 
+def build_model_with_weights(config: TransformerConfig, mtp: MTPConfig, tied: bool, weights: Optional[dict] = None):
+    """``build_model``, loaded with ``weights`` (an earlier model's) when given; returns it and a copy of its
+    initial weights, so that variants of one model can be compared from the same start."""
+    model = build_model(config, mtp, tied=tied)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model, {name: value.clone() for name, value in model.state_dict().items() if value is not None}
+
+
 def build_megatron_core_model(config: TransformerConfig, tied: bool = False, position: str = "rope") -> GPTModel:
     """Megatron-Core's own GPTModel with its MTP block (``get_gpt_mtp_block_spec``, which is empty off the last
     stage), built as :func:`build_model` builds ours: the reference for sequential MTP."""
@@ -124,7 +133,7 @@ def build_megatron_core_model(config: TransformerConfig, tied: bool = False, pos
     )
 
 
-def wrap_ddp(model, config, use_distributed_optimizer: bool = False):
+def wrap_ddp(model, config, use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False):
     """Megatron-Core DDP as Megatron-LM wraps a model; in bf16 around ``Float16Module``, with fp32 ``main_grad``
     (Megatron-LM's default for bf16: gradients accumulated and reduced in fp32)."""
     if config.bf16:
@@ -133,7 +142,7 @@ def wrap_ddp(model, config, use_distributed_optimizer: bool = False):
         config=config,
         ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=config.bf16,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=overlap_grad_reduce,
             use_distributed_optimizer=use_distributed_optimizer,
         ),
         module=model,

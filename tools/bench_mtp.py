@@ -1,4 +1,5 @@
-"""Side-by-side benchmark: no MTP, Megatron-Core's MTP, and ours (sequential plain / chunked, parallel heads).
+"""Side-by-side benchmark: no MTP, Megatron-Core's MTP, and ours (sequential plain / chunked, parallel heads; with
+the main next-token loss chunked too, with and without MTP: the ``-main`` cases; the others keep GPTModel's).
 
 Every (vocab, D, implementation) case runs in a fresh process, so its peak memory is its own: the peak of the
 bytes allocated, ``torch.cuda.max_memory_allocated`` on GPU and the same reckoning on CPU (the model's storages
@@ -39,7 +40,11 @@ CASES = {
     "seq-chunked-recompute": "ours, sequential, chunked loss, logits recomputed in backward",
     "seq-chunked-kept": "ours, sequential, chunked loss, gradients kept from forward",
     "parallel": "ours, parallel heads, chunked loss",
+    "none-chunked-main": "ours, no MTP, chunked main loss",
+    "seq-chunked-main": "ours, sequential, chunked loss, chunked main loss",
 }
+NO_MTP_CASES = ("none", "none-chunked-main")  # measured once per vocabulary, at D=0
+"""Our cases other than the ``-main`` ones keep GPTModel's output layer and loss for the main next-token loss."""
 
 
 def main() -> None:
@@ -50,7 +55,8 @@ def main() -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     if args.gradient_accumulation_fusion and not args.megatron_ddp:
         raise SystemExit("--gradient-accumulation-fusion needs --megatron-ddp (main_grad comes from Megatron's DDP)")
-    jobs = [(vocab, 0, "none") for vocab in args.vocab_sizes]
+    no_mtp = ["none"] + [case for case in args.cases if case in NO_MTP_CASES and case != "none"]  # "none": the base
+    jobs = [(vocab, 0, case) for vocab in args.vocab_sizes for case in no_mtp]
     if args.floor_vocab:
         jobs += [(args.floor_vocab, 0, "none")] + [(args.floor_vocab, depth, "megatron") for depth in args.depths]
     jobs += [
@@ -58,7 +64,7 @@ def main() -> None:
         for vocab in args.vocab_sizes
         for depth in args.depths
         for case in args.cases
-        if case != "none"
+        if case not in NO_MTP_CASES
     ]
     samples = {}
     for round_index in range(args.rounds):
@@ -231,6 +237,7 @@ def _build(settings: dict, device: str):
             loss_implementation="plain" if case == "seq-plain" else "chunked",
             loss_chunk_size=settings["chunk_size"],
             loss_recompute_logits={"seq-chunked-recompute": True, "seq-chunked-kept": False}.get(case),
+            main_loss_implementation="chunked" if case.endswith("-main") else "plain",
         )
     hidden = settings["hidden_size"]
     config = TransformerConfig(
@@ -254,7 +261,8 @@ def _build(settings: dict, device: str):
         MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0, device=device))
     else:
         model = MTPGPTModel(
-            config, spec, vocab, seq, mtp_config=mtp, mtp_block_spec=get_mtp_block_spec(spec, mtp), **common
+            config, spec, vocab, seq, mtp_config=mtp,
+            mtp_block_spec=get_mtp_block_spec(spec, mtp) if mtp.enabled else None, **common
         )
     model = model.to(device)
     if settings["megatron_ddp"]:
@@ -311,7 +319,7 @@ def _markdown(rows: list, args) -> str:
         f"hidden {args.hidden_size}, {args.num_layers} layers, seq {args.seq_length}, batch {args.micro_batch_size}, "
         f"fp32, {ddp}, gradient-accumulation fusion {'on' if args.gradient_accumulation_fusion else 'off'}, "
         f"device {device}, chunk {args.chunk_size}; median of {args.steps} steps x {args.rounds} round(s) after "
-        f"{args.warmup} warm-up; memory = peak allocated bytes of a fresh process. "
+        f"{args.warmup} warm-up; memory = peak allocated bytes of a fresh process (what is held plus a step's peak). "
         f"Floor: what Megatron-Core's MTP adds at vocab {args.floor_vocab} (its MTP layers, next to no logits).",
         "",
         "| vocab | D | implementation | step (s) | time vs Megatron | peak (MB) | added over no MTP (MB) "
@@ -347,10 +355,10 @@ def _plot(rows: list, path: str) -> None:
     import matplotlib.pyplot as plt
 
     vocabs = sorted({r["vocab"] for r in rows})
-    cases = [c for c in CASES if c != "none" and any(r["case"] == c for r in rows)]
+    cases = [c for c in CASES if c not in NO_MTP_CASES and any(r["case"] == c for r in rows)]
     figure, axes = plt.subplots(2, len(vocabs), figsize=(6 * len(vocabs), 7), squeeze=False)
     for column, vocab in enumerate(vocabs):
-        depths = sorted({r["depth"] for r in rows if r["vocab"] == vocab and r["case"] != "none"})
+        depths = sorted({r["depth"] for r in rows if r["vocab"] == vocab and r["case"] not in NO_MTP_CASES})
         width = 0.8 / max(len(cases), 1)
         for index, case in enumerate(cases):
             by_depth = {r["depth"]: r for r in rows if r["vocab"] == vocab and r["case"] == case}

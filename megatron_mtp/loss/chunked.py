@@ -1,19 +1,22 @@
 """Memory-efficient output layer + vocab-parallel cross-entropy: the logits never exist for all tokens at once.
 
-An MTP depth's loss needs ``logits = h @ W^T`` ([tokens, V/tp]) only to reduce them to one number per token.
+A loss needs ``logits = h @ W^T`` ([tokens, V/tp]) only to reduce them to one number per token. One function
+serves the main next-token loss (:func:`chunked_token_loss`: the per-token loss [b, s] Megatron's loss functions
+take, whose incoming gradient is per token) and each MTP depth (:func:`chunked_depth_loss`: the masked sum).
 Here the tokens go through in chunks of ``chunk_size``: each chunk's logits are made, reduced across the
 tensor-parallel vocabulary slices (max, sum of exponentials, target logit, and the greedy id for the metrics)
 and freed. Gradients come chunk by chunk as well, ``dL/dlogits = mask * (softmax - onehot)``:
 
-- gradients in forward: the forward pass also computes ``dL/dh`` ([n, h]) and ``dL/dW`` ([V/tp, h], fp32)
-  and keeps them; backward only multiplies them by the incoming gradient, which is a scalar because the
-  result is a scalar loss. Three matmuls per chunk, like an ordinary linear + cross-entropy.
+- gradients in forward (a depth's masked sum only): the forward pass also computes ``dL/dh`` ([n, h]) and
+  ``dL/dW`` ([V/tp, h], fp32) and keeps them; backward only multiplies them by the incoming gradient, which is a
+  scalar because the result is a scalar loss. Three matmuls per chunk, like an ordinary linear + cross-entropy.
 - recompute: backward recomputes each chunk's logits. Only the input ``[n, h]`` is kept. When the caller wants
   no metrics (``want_stats=False``: every training step but the logging ones) forward computes nothing and
   backward makes the loss's gradients in one pass: three matmuls per chunk, as Megatron-Core's linear +
   cross-entropy, and the forward loss value reads NaN (nothing needs it: the MTP term enters training only
   through its gradient, see ``mtp_loss.inject_mtp_loss``). With metrics, forward also computes the loss and the
-  greedy ids: four matmuls.
+  greedy ids: four matmuls. The main loss always computes its per-token values in forward (Megatron logs the
+  lm loss every step), so it takes four matmuls per chunk, and backward scales each token by its own gradient.
 
 Where ``dL/dW`` goes: with gradient-accumulation fusion and Megatron DDP's ``main_grad`` on the weight (the
 condition of Megatron's ``LinearWithGradAccumulationAndAsyncCommunication``), it is added into ``main_grad``
@@ -22,7 +25,10 @@ with the same fused kernel, ``grad_added_to_main_grad`` is set and no gradient i
 zero stand-in, matters for memory: GPTModel's output layer uses the same weight in the same backward and returns
 Megatron's dummy weight gradient (TransformerEngine's one cached buffer on GPU); any second gradient for the weight
 would make autograd sum the two into a new ``[V/tp, h]`` tensor. That dummy is also what keeps ``param.grad`` set
-for DDP's hook under ``overlap_grad_reduce``.
+for DDP's hook under ``overlap_grad_reduce`` (which asserts it). When the main loss is chunked too, that output
+layer never runs: the main loss's call then returns Megatron's dummy itself (``weight_grad_stand_in``), and the
+depths still return None, so the weight gets exactly one gradient. (A broadcast zero, ``zeros(()).expand(...)``,
+would not save the buffer: autograd copies a first gradient without the weight's strides into a new tensor.)
 
 Which variant (``grad_in_forward=None``, the default): without metrics, recompute. With metrics
 (:func:`gradients_in_forward`): with ``main_grad``, recompute, adding each chunk's ``dL/dW`` straight into ``main_grad`` in backward, so no weight-sized buffer
@@ -39,10 +45,11 @@ logits and softmax. The tensor-parallel gradient reduction of ``h`` is left to t
 """
 
 from functools import partial
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel import layers as mcore_layers
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -50,6 +57,32 @@ from megatron.core.tensor_parallel.mappings import (
 
 from megatron_mtp.loss.metrics import vocab_slice_start
 from megatron_mtp.loss.mtp_loss import DepthLoss, OutputHead
+
+
+def chunked_token_loss(
+    hidden_states: torch.Tensor,
+    head: OutputHead,
+    labels: torch.Tensor,
+    want_predictions: bool,
+    chunk_size: int,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The main next-token loss as ``GPTModel.compute_language_model_loss`` returns it, chunked.
+
+    Args:
+        hidden_states: the decoder output h_0, [s, b, h] ([s/tp, b, h] under sequence parallelism).
+        labels: [b, s] global ids.
+        want_predictions: also return the greedy ids (for the MTP acceptance metrics against the main model).
+    Returns:
+        per-token loss [b, s] fp32, unmasked (the loss function masks it; its backward takes a per-token gradient),
+        and the greedy ids [b, s] or None.
+    """
+    x, weight, into_main_grad, (seq_len, batch) = _prepare(hidden_states, head)
+    token_loss, predictions = ChunkedVocabParallelCrossEntropy.apply(
+        x, weight, labels.t().reshape(-1), None, head.tp_group, chunk_size, False, want_predictions,
+        into_main_grad, into_main_grad,
+    )
+    predictions = predictions.view(seq_len, batch).t() if want_predictions else None
+    return token_loss.view(seq_len, batch).t().contiguous(), predictions
 
 
 def chunked_depth_loss(
@@ -72,9 +105,32 @@ def chunked_depth_loss(
         grad_in_forward: keep the gradients from forward (True) or recompute the logits in backward (False);
             None: recompute when no stats are wanted, else choose by :func:`gradients_in_forward`.
     """
+    x, weight, into_main_grad, (seq_len, batch) = _prepare(hidden_states, head)
+    if grad_in_forward is None:
+        grad_in_forward = want_stats and gradients_in_forward(
+            x.size(0), x.size(1), weight.size(0), x.element_size(), into_main_grad
+        )
+    loss_sum, predictions = ChunkedVocabParallelCrossEntropy.apply(
+        x,
+        weight,
+        labels.t().reshape(-1),
+        loss_mask.t().reshape(-1).to(torch.float32),
+        head.tp_group,
+        chunk_size,
+        grad_in_forward,
+        want_stats,
+        into_main_grad,
+        False,
+    )
+    return DepthLoss(loss_sum, predictions.view(seq_len, batch).t() if want_stats else None)
+
+
+def _prepare(hidden_states: torch.Tensor, head: OutputHead):
+    """The output layer's weight and whether its gradient goes into ``main_grad``, and the input as every rank of
+    the tensor-parallel group needs it: [s*b, h] (gathered under sequence parallelism), with [s, b]."""
     output_layer = head.output_layer
     if getattr(output_layer, "bias", None) is not None:
-        raise ValueError("the chunked MTP loss supports output layers without bias only")
+        raise ValueError("the chunked loss supports output layers without bias only")
     weight = head.weight if head.weight is not None else output_layer.weight
     into_main_grad = _writes_main_grad(output_layer, weight)
     tp_group = head.tp_group
@@ -83,22 +139,7 @@ def chunked_depth_loss(
     elif tp_group is not None and dist.get_world_size(tp_group) > 1:
         hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=tp_group)
     seq_len, batch, hidden = hidden_states.shape
-    if grad_in_forward is None:
-        grad_in_forward = want_stats and gradients_in_forward(
-            seq_len * batch, hidden, weight.size(0), hidden_states.element_size(), into_main_grad
-        )
-    loss_sum, predictions = ChunkedVocabParallelCrossEntropy.apply(
-        hidden_states.reshape(seq_len * batch, hidden),
-        weight,
-        labels.t().reshape(-1),
-        loss_mask.t().reshape(-1).to(torch.float32),
-        tp_group,
-        chunk_size,
-        grad_in_forward,
-        want_stats,
-        into_main_grad,
-    )
-    return DepthLoss(loss_sum, predictions.view(seq_len, batch).t() if want_stats else None)
+    return hidden_states.reshape(seq_len * batch, hidden), weight, into_main_grad, (seq_len, batch)
 
 
 def chunked(chunk_size: int, grad_in_forward: Optional[bool] = None):
@@ -121,38 +162,53 @@ def gradients_in_forward(tokens: int, hidden: int, vocab_slice: int, input_bytes
 
 
 class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
-    """``sum_t mask[t] * CE(x[t] @ W^T, labels[t])`` over a vocabulary split across ``tp_group``.
+    """Per-token ``CE(x[t] @ W^T, labels[t])`` over a vocabulary split across ``tp_group``, or its masked sum.
 
-    forward(x [n, h], weight [V/tp, h], labels [n] global ids, mask [n] fp32, ...) ->
-        (loss_sum scalar fp32, predictions [n] global greedy ids, or an empty tensor when not requested)
+    forward(x [n, h], weight [V/tp, h], labels [n] global ids, mask [n] fp32 or None, ...) ->
+        (mask given: ``sum_t mask[t] * CE[t]``, scalar fp32; mask None: ``CE`` [n] fp32,
+         predictions [n] global greedy ids, or an empty tensor when not requested)
 
-    With ``into_main_grad`` the weight gradient is added into ``weight.main_grad`` as Megatron's
+    Gradients kept from forward need the scalar (masked-sum) form: a per-token incoming gradient is known only in
+    backward. With ``into_main_grad`` the weight gradient is added into ``weight.main_grad`` as Megatron's
     ``LinearWithGradAccumulationAndAsyncCommunication`` does under gradient-accumulation fusion (same kernel,
-    ``grad_added_to_main_grad`` set) and no weight gradient is returned (module docstring).
+    ``grad_added_to_main_grad`` set), and the returned weight gradient is Megatron's dummy with
+    ``weight_grad_stand_in``, else None (module docstring).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, labels, mask, tp_group, chunk_size, grad_in_forward, want_stats, into_main_grad):
+    def forward(
+        ctx, x, weight, labels, mask, tp_group, chunk_size, grad_in_forward, want_stats, into_main_grad,
+        weight_grad_stand_in,
+    ):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        per_token = mask is None
+        if per_token and grad_in_forward:
+            raise ValueError("gradients kept from forward need the masked-sum loss (a scalar incoming gradient)")
         vocab_start = vocab_slice_start(weight, tp_group)
         backward_follows = any(ctx.needs_input_grad[:2])
         keep_grads = grad_in_forward and backward_follows
         grad_x = torch.empty_like(x) if keep_grads else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if keep_grads else None
         predictions = torch.empty(x.size(0) if want_stats else 0, dtype=torch.long, device=x.device)
-        value_in_backward = backward_follows and not keep_grads and not want_stats
-        loss_sum = torch.full((), torch.nan if value_in_backward else 0.0, dtype=torch.float32, device=x.device)
+        value_in_backward = backward_follows and not keep_grads and not want_stats and not per_token
+        loss = torch.empty(x.size(0), dtype=torch.float32, device=x.device) if per_token else (
+            torch.full((), torch.nan if value_in_backward else 0.0, dtype=torch.float32, device=x.device)
+        )
         for start in range(0, 0 if value_in_backward else x.size(0), chunk_size):
             rows = slice(start, start + chunk_size)
             chunk = _ChunkLogits(x[rows], weight, labels[rows], vocab_start, tp_group, want_stats)
-            loss_sum += (chunk.token_loss * mask[rows]).sum()
+            if per_token:
+                loss[rows] = chunk.token_loss
+            else:
+                loss += (chunk.token_loss * mask[rows]).sum()
             if want_stats:
                 predictions[rows] = chunk.predictions
             if keep_grads:
                 _backpropagate_chunk(chunk.grad_logits(mask[rows]), x, weight, rows, grad_x, _adder(grad_weight))
         ctx.tp_group, ctx.chunk_size, ctx.vocab_start = tp_group, chunk_size, vocab_start
-        ctx.kept_grads, ctx.consumed = keep_grads, False
+        ctx.kept_grads, ctx.consumed, ctx.per_token = keep_grads, False, per_token
+        ctx.weight_grad_stand_in = weight_grad_stand_in
         # An attribute, not a saved tensor (as in Megatron's linear): main_grad changes in place before backward.
         ctx.main_grad = weight.main_grad if into_main_grad else None
         if keep_grads:
@@ -160,14 +216,14 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         else:
             ctx.save_for_backward(x, weight, labels, mask)
         ctx.mark_non_differentiable(predictions)
-        return loss_sum, predictions
+        return loss, predictions
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_predictions):
         if ctx.kept_grads:
             # Scaled in place to save a weight-sized buffer, so a second backward would be wrong: refuse it.
             if ctx.consumed:
-                raise RuntimeError("the chunked MTP loss keeps its gradients for one backward pass (no retain_graph)")
+                raise RuntimeError("the chunked loss keeps its gradients for one backward pass (no retain_graph)")
             ctx.consumed = True
             grad_x, grad_weight, weight = ctx.saved_tensors
             grad_x.mul_(grad_loss.to(grad_x.dtype))
@@ -175,8 +231,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             if ctx.main_grad is None:
                 return grad_x, grad_weight.to(weight.dtype), *_NONES
             ctx.main_grad.add_(grad_weight)
-            _added_to_main_grad(weight)
-            return grad_x, None, *_NONES
+            return grad_x, _weight_grad_in_main_grad(ctx, weight, grad_x.dtype), *_NONES
         x, weight, labels, mask = ctx.saved_tensors
         grad_x = torch.empty_like(x)
         if ctx.main_grad is None:
@@ -187,15 +242,29 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         for start in range(0, x.size(0), ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             chunk = _ChunkLogits(x[rows], weight, labels[rows], ctx.vocab_start, ctx.tp_group, False)
-            _backpropagate_chunk(chunk.grad_logits(mask[rows] * grad_loss), x, weight, rows, grad_x, add_weight_grad)
+            scale = grad_loss[rows] if ctx.per_token else mask[rows] * grad_loss
+            _backpropagate_chunk(chunk.grad_logits(scale), x, weight, rows, grad_x, add_weight_grad)
         if ctx.main_grad is None:
             return grad_x, grad_weight.to(weight.dtype), *_NONES
-        _added_to_main_grad(weight)
-        return grad_x, None, *_NONES
+        return grad_x, _weight_grad_in_main_grad(ctx, weight, x.dtype), *_NONES
 
 
-# No gradient for labels, mask, tp_group, chunk_size, grad_in_forward, want_stats, into_main_grad.
-_NONES = (None,) * 7
+# No gradient for labels, mask, tp_group, chunk_size, grad_in_forward, want_stats, into_main_grad, stand-in.
+_NONES = (None,) * 8
+
+
+def _weight_grad_in_main_grad(ctx, weight: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The weight gradient is in ``main_grad``: mark it, and return Megatron's dummy or None (module docstring)."""
+    if hasattr(weight, "grad_added_to_main_grad"):
+        weight.grad_added_to_main_grad = True
+    if not ctx.weight_grad_stand_in:
+        return None
+    # What Megatron's fused linear returns: TE's cached buffer (no new memory) where Megatron-Core uses it, else a
+    # new tensor, zero where DDP's hook adds param.grad into main_grad (zero_out_wgrad); freed by that hook.
+    zero = getattr(weight, "zero_out_wgrad", False)
+    if mcore_layers.HAVE_TE:
+        return mcore_layers.get_dummy_wgrad(list(weight.shape), dtype, zero=zero)
+    return (torch.zeros if zero else torch.empty)(weight.shape, dtype=dtype, device=weight.device)
 
 
 def _writes_main_grad(output_layer, weight) -> bool:
@@ -204,16 +273,11 @@ def _writes_main_grad(output_layer, weight) -> bool:
         return False
     if hasattr(weight, "__fsdp_param__"):  # Megatron-FSDP makes main_grad per backward and overwrites it
         raise NotImplementedError(
-            "the chunked MTP loss does not support Megatron-FSDP with gradient_accumulation_fusion; "
-            "use --mtp-loss-implementation plain or --no-gradient-accumulation-fusion"
+            "the chunked loss does not support Megatron-FSDP with gradient_accumulation_fusion; "
+            "use --mtp-loss-implementation plain and --main-loss-implementation plain, "
+            "or --no-gradient-accumulation-fusion"
         )
     return hasattr(weight, "main_grad")
-
-
-def _added_to_main_grad(weight: torch.Tensor) -> None:
-    """Mark the weight gradient as already in ``main_grad`` (where Megatron DDP has the flag); nothing to return."""
-    if hasattr(weight, "grad_added_to_main_grad"):
-        weight.grad_added_to_main_grad = True
 
 
 class _ChunkLogits:

@@ -5,7 +5,7 @@ embeddings from); untied ones into the last stage's output layer. Chunked loss w
 
 from megatron_mtp.config import MTPConfig
 from mp_world import run_world
-from tiny import build_model, global_names, make_batches, train_step, transformer_config, wrap_ddp
+from tiny import build_model_with_weights, global_names, make_batches, train_step, transformer_config, wrap_ddp
 
 PP_CASES = [("sequential", True), ("parallel", True), ("sequential", False)]  # (mode, tied)
 TP_CASES = [("sequential", False), ("parallel", True)]
@@ -19,11 +19,7 @@ def _fusion_off_minus_on(cases, tp, pp):
         weights, main_grads = None, {}
         for fusion in (False, True):
             config = transformer_config(mtp, tp=tp, pp=pp, sp=tp > 1, gradient_accumulation_fusion=fusion)
-            model = build_model(config, mtp, tied=tied)
-            if weights is None:
-                weights = {name: value.clone() for name, value in model.state_dict().items() if value is not None}
-            else:
-                model.load_state_dict(weights)
+            model, weights = build_model_with_weights(config, mtp, tied, weights)
             model = wrap_ddp(model, config)
             train_step(model, config, make_batches(3))
             main_grads[fusion] = {name: param.main_grad.clone() for name, param in global_names(model).items()}

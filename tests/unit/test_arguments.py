@@ -39,6 +39,11 @@ def test_loss_flags_build_the_mtp_config():
     assert (config.latent_consistency_weight, config.semantic_anchoring_weight, config.latent_losses) == (0.1, 0.2, True)
     assert _parse(["--mtp-num-layers", "1", "--no-mtp-loss-recompute-logits"]).loss_recompute_logits is False
     assert _parse(["--mtp-num-layers", "1", "--mtp-loss-implementation", "plain"]).loss_implementation == "plain"
+    assert default.main_loss_implementation is None  # chosen per micro-batch
+    no_mtp = _parse(["--main-loss-implementation", "plain", "--mtp-loss-implementation", "plain"])
+    assert (no_mtp.enabled, no_mtp.main_loss_implementation) == (False, "plain")
+    chunked_main = _parse(["--mtp-loss-implementation", "plain", "--mtp-loss-chunk-size", "8"])
+    assert (chunked_main.main_loss_implementation, chunked_main.loss_chunk_size) == (None, 8)
 
 
 def test_megatron_lm_defaults_and_no_mtp_by_default():
@@ -73,7 +78,10 @@ def test_megatron_lm_virtual_pipeline_flags_are_refused(flag, capsys):
         (["--mtp-num-layers", "1", "--mtp-loss-scaling-schedule", "10=0.1"], "expected STEP:LAMBDA"),
         (["--mtp-num-layers", "-2"], "--mtp-num-layers must be >= 0"),
         (["--mtp-num-layers", "1", "--mtp-loss-chunk-size", "0"], "--mtp-loss-chunk-size must be an int >= 1"),
-        (["--mtp-loss-implementation", "plain", "--mtp-loss-chunk-size", "8"], "apply to --mtp-loss-implementation chunked"),
+        (["--mtp-loss-implementation", "plain", "--main-loss-implementation", "plain", "--mtp-loss-chunk-size", "8"],
+         "--mtp-loss-chunk-size applies to --mtp-loss-implementation chunked or --main-loss-implementation chunked"),
+        (["--mtp-loss-implementation", "plain", "--mtp-loss-recompute-logits"],
+         "applies to --mtp-loss-implementation chunked"),
         (["--mtp-num-layers", "1", "--mtp-semantic-anchoring-weight", "-1"], "--mtp-semantic-anchoring-weight must be"),
     ],
 )

@@ -16,25 +16,25 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.loss.chunked import chunked_depth_loss, gradients_in_forward
 from megatron_mtp.loss.mtp_loss import OutputHead
-from tiny import build_model, global_names, make_batches, train_step, transformer_config, wrap_ddp
+from tiny import build_model_with_weights, global_names, make_batches, train_step, transformer_config, wrap_ddp
 
-LOSSES = {
+LOSSES = {  # 32 tokens per micro-batch: the main loss is chunked by default with 7-token chunks, plain with 512
     "plain": dict(loss_implementation="plain"),
     "chunked": dict(loss_implementation="chunked", loss_chunk_size=7),
+    "chunked depths, plain main loss": dict(
+        loss_implementation="chunked", loss_chunk_size=7, main_loss_implementation="plain"
+    ),
     "chunked, gradients kept from forward": dict(
         loss_implementation="chunked", loss_chunk_size=7, loss_recompute_logits=False
     ),
 }
 
 
-def _step_main_grads(mtp: MTPConfig, tied: bool, fusion: bool, weights=None):
+def _step_main_grads(mtp: MTPConfig, tied: bool, fusion: bool, weights=None, overlap_grad_reduce=False):
     """Initial weights and every parameter's main_grad after one Megatron DDP step of 2 micro-batches."""
     config = transformer_config(mtp, gradient_accumulation_fusion=fusion)
-    model = build_model(config, mtp, tied=tied)
-    if weights is not None:
-        model.load_state_dict(weights)
-    weights = {name: value.clone() for name, value in model.state_dict().items() if torch.is_tensor(value)}
-    model = wrap_ddp(model, config)
+    model, weights = build_model_with_weights(config, mtp, tied, weights)
+    model = wrap_ddp(model, config, overlap_grad_reduce=overlap_grad_reduce)
     train_step(model, config, make_batches(2))
     core = model.module
     output_weight = core.shared_embedding_or_output_weight() if tied else core.output_layer.weight
@@ -52,6 +52,18 @@ def test_fusion_on_gives_the_main_grads_of_fusion_off(single_process, mode, tied
     assert fused.keys() == expected.keys()
     for name, grad in expected.items():
         torch.testing.assert_close(fused[name], grad, atol=1e-5, rtol=0, msg=lambda text: f"{name}: {text}")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fusion_on_gives_the_main_grads_of_fusion_off_with_the_chunked_main_loss_and_no_mtp(single_process, tied):
+    # No other user of the output weight in backward: the chunked main loss itself returns Megatron's dummy
+    # gradient, which DDP's hook asserts under overlap_grad_reduce (and ignores, the gradient being in main_grad).
+    mtp = MTPConfig(num_layers=0, loss_chunk_size=7, main_loss_implementation="chunked")
+    weights, expected = _step_main_grads(mtp, tied, fusion=False)
+    for overlap_grad_reduce in (False, True):
+        _, fused = _step_main_grads(mtp, tied, fusion=True, weights=weights, overlap_grad_reduce=overlap_grad_reduce)
+        for name, grad in expected.items():
+            torch.testing.assert_close(fused[name], grad, atol=1e-5, rtol=0, msg=lambda text: f"{name}: {text}")
 
 
 class _FusedHead(torch.nn.Module):
