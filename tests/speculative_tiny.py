@@ -4,6 +4,7 @@ are sometimes accepted and sometimes not), and an uncached reference for the MTP
 The same code runs in the pytest process and in spawned TP=2 ranks.
 """
 
+import functools
 from typing import Dict, List, Tuple
 
 import torch
@@ -24,25 +25,26 @@ CASES: Tuple[Tuple[str, int], ...] = (("sequential", 1), ("sequential", 3), ("pa
 
 
 def build(mode: str, depths: int, tp: int = 1, position: str = "rope") -> MTPGPTModel:
+    """A 2-layer hidden-32 GPT with ``depths`` MTP depths or heads, random weights."""
     mtp = MTPConfig(num_layers=depths, mode=mode, loss_scaling_factor=1.0)
     config = tiny.transformer_config(mtp, tp=tp, num_layers=2)
     spec = tiny.decoder_spec(config)
-    model = MTPGPTModel(
+    return MTPGPTModel(
         config, spec, VOCAB, MAX_SEQ, mtp_config=mtp,
         mtp_block_spec=cpu_bridge.with_sequence_parallel_norms(get_mtp_block_spec(spec, mtp)),
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
         position_embedding_type=position,
     )
-    return model
 
 
 def markov_chain(seed: int = 0) -> torch.Tensor:
-    """[VOCAB, VOCAB] transition probabilities: each token has one likely successor (0.7) and two others."""
+    """[VOCAB, VOCAB] transition probabilities: each token has three successors (0.45, 0.35, 0.2), so the most
+    likely next-but-one token is often not the greedy path's and drafts are rejected now and then."""
     generator = torch.Generator().manual_seed(seed)
     probabilities = torch.full((VOCAB, VOCAB), 0.0)
     for token in range(VOCAB):
         successors = torch.randperm(VOCAB, generator=generator)[:3]
-        probabilities[token, successors] = torch.tensor([0.7, 0.2, 0.1])
+        probabilities[token, successors] = torch.tensor([0.45, 0.35, 0.2])
     return probabilities
 
 
@@ -56,7 +58,7 @@ def sample_chain(chain: torch.Tensor, count: int, length: int, seed: int) -> tor
     return tokens
 
 
-def train(model: MTPGPTModel, steps: int = 40, batch: int = 16, seq: int = 32) -> None:
+def train(model: MTPGPTModel, steps: int = 20, batch: int = 8, seq: int = 24) -> None:
     """Adam on the main + MTP loss over Markov-chain streams."""
     chain = markov_chain()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -74,8 +76,10 @@ def train(model: MTPGPTModel, steps: int = 40, batch: int = 16, seq: int = 32) -
     model.eval()
 
 
+@functools.lru_cache(maxsize=None)
 def trained_states() -> Dict[Tuple[str, int], Dict[str, torch.Tensor]]:
-    """Full (TP=1) parameters of each test model after training, by (mode, D). Needs a one-process world."""
+    """Full (TP=1) parameters of each test model after training, by (mode, D); trained once per process.
+    Needs Megatron's parallel state at TP=1."""
     states = {}
     for mode, depths in CASES:
         torch.manual_seed(0)
@@ -83,6 +87,14 @@ def trained_states() -> Dict[Tuple[str, int], Dict[str, torch.Tensor]]:
         train(model)
         states[(mode, depths)] = {name: p.detach().clone() for name, p in tiny.global_names(model).items()}
     return states
+
+
+def trained(states: Dict[str, torch.Tensor], mode: str, depths: int, tp: int = 1) -> MTPGPTModel:
+    """The test model of (mode, D) built at this TP size with ``states`` (one entry of ``trained_states()``), in
+    eval mode."""
+    model = build(mode, depths, tp)
+    tiny.load_full_state(model, states)
+    return model.eval()
 
 
 def prompts(count: int, seed: int = 7) -> List[List[int]]:

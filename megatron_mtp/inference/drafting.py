@@ -89,8 +89,10 @@ class MTPDrafter:
         # states[k] holds h_k, k = 0..D-1, by position [max_sequence_length, 1, h]: what depth k+1 reads.
         hidden_size = model.config.hidden_size
         kept = 1 if self.mode == "parallel" else len(self.layers)
-        self.states = [torch.zeros(max_sequence_length, 1, hidden_size, dtype=model.config.params_dtype) for _ in range(kept)]
-        self.output_weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+        dtype = model.config.params_dtype
+        self.states = [torch.zeros(max_sequence_length, 1, hidden_size, dtype=dtype) for _ in range(kept)]
+        tied = model.share_embeddings_and_output_weights
+        self.output_weight = model.shared_embedding_or_output_weight() if tied else None
 
     def record_trunk(self, position: int, hidden: Tensor) -> None:
         """h_0 [s, 1, h] of the main model at positions ``position..position+s-1``."""
@@ -130,7 +132,9 @@ class MTPDrafter:
         for k, depth in enumerate(self.layers[: min(count, depths)], start=1):
             start = depth.offset
             embeddings = self._embed(tokens[start + k : last + k], start + k)
-            output = depth(self.states[k - 1][start:last], embeddings, position=start, rotary_pos_emb=self.rotary_pos_emb)
+            output = depth(
+                self.states[k - 1][start:last], embeddings, position=start, rotary_pos_emb=self.rotary_pos_emb
+            )
             if k < depths:
                 self.states[k][start:last] = output
             drafts.append(self._draft_id(output[-1:]))

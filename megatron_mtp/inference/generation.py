@@ -58,7 +58,8 @@ class Generation:
     stats: GenerationStats
 
 
-def _check_lengths(prompt: List[int], max_new_tokens: int, max_sequence_length: int) -> None:
+def check_lengths(prompt: List[int], max_new_tokens: int, max_sequence_length: int) -> None:
+    """The prompt and the tokens asked for must fit the model's sequence length (its KV cache)."""
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
     if max_new_tokens < 1:
@@ -83,7 +84,7 @@ def greedy_generate(
     model, prompt: List[int], max_new_tokens: int, max_sequence_length: int, vocab_size: int, eod: Optional[int] = None
 ) -> Generation:
     """Plain KV-cached greedy decoding: the prompt in one forward, then one token per forward."""
-    _check_lengths(prompt, max_new_tokens, max_sequence_length)
+    check_lengths(prompt, max_new_tokens, max_sequence_length)
     start = time.perf_counter()
     main = CachedMainModel(model, max_sequence_length)
     logits, _ = main.forward(torch.tensor(prompt))
@@ -117,7 +118,7 @@ def speculative_generate(
     eod: Optional[int] = None,
 ) -> Generation:
     """Greedy decoding with MTP drafts verified by the main model; returns the tokens of :func:`greedy_generate`."""
-    _check_lengths(prompt, max_new_tokens, max_sequence_length)
+    check_lengths(prompt, max_new_tokens, max_sequence_length)
     start = time.perf_counter()
     drafter = MTPDrafter(model, max_sequence_length, vocab_size, num_draft_tokens, reuse_last_depth)
     main = CachedMainModel(model, max_sequence_length)

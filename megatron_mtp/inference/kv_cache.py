@@ -41,7 +41,6 @@ class CachedMainModel:
         self.max_sequence_length = max_sequence_length
         self.context = static_inference_context(max_sequence_length)
         self._hidden: Optional[Tensor] = None
-        model.decoder.register_forward_hook(self._record_hidden)
 
     def _record_hidden(self, module, inputs, output):
         self._hidden = output[0] if isinstance(output, tuple) else output
@@ -63,13 +62,17 @@ class CachedMainModel:
                 f"the KV cache holds {self.max_sequence_length} positions; {length} tokens at offset {offset} exceed it"
             )
         positions = torch.arange(offset, offset + length).unsqueeze(0)
-        logits = self.model(
-            tokens.view(1, length),
-            positions,
-            attention_mask_at(offset, length),
-            inference_context=self.context,
-            runtime_gather_output=True,
-        )
+        hook = self.model.decoder.register_forward_hook(self._record_hidden)
+        try:
+            logits = self.model(
+                tokens.view(1, length),
+                positions,
+                attention_mask_at(offset, length),
+                inference_context=self.context,
+                runtime_gather_output=True,
+            )
+        finally:
+            hook.remove()
         self.context.sequence_len_offset = offset + length
         return logits[0], self._hidden
 
