@@ -103,6 +103,7 @@ def load_model(args: argparse.Namespace, runtime, vocab_size: int):
 
 def decode(model, args, prompt: List[int], max_new_tokens: int, eod: Optional[int], vocab_size: int,
            speculative: bool, num_draft_tokens: int, reuse_last_depth: bool) -> Generation:
+    """Plain or speculative greedy decoding; ``vocab_size``: the tokenizer's (padding ids are never chosen)."""
     if speculative:
         return speculative_generate(
             model, prompt, max_new_tokens, args.max_position_embeddings, vocab_size, num_draft_tokens,
@@ -136,8 +137,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     runtime = init_distributed(args)
     model = load_model(args, runtime, vocab_size)
     result = decode(
-        model, args, prompt, options.max_new_tokens, tokenizer.eod, vocab_size, options.speculative, num_draft_tokens,
-        options.reuse_last_mtp_depth,
+        model, args, prompt, options.max_new_tokens, tokenizer.eod, tokenizer.vocab_size, options.speculative,
+        num_draft_tokens, options.reuse_last_mtp_depth,
     )
     if dist.get_rank() == 0:
         stats = result.stats

@@ -86,8 +86,8 @@ def bench_model(args, mode: str, depths: int, prompts: List[Dict], runtime) -> L
     from megatron_mtp.training.setup import padded_vocab_size
 
     model_args = model_arguments(checkpoint_dir(args.runs_dir, mode, depths), [])
-    vocab_size = padded_vocab_size(build_tokenizer("ByteLevel", None).vocab_size, model_args)
-    model = load_model(model_args, runtime, vocab_size)
+    vocab_size = build_tokenizer("ByteLevel", None).vocab_size
+    model = load_model(model_args, runtime, padded_vocab_size(vocab_size, model_args))
     settings = [(depths, False)]
     if mode == "sequential" and depths == 1 and args.reuse_draft_tokens > depths:
         settings.append((args.reuse_draft_tokens, True))
@@ -95,70 +95,131 @@ def bench_model(args, mode: str, depths: int, prompts: List[Dict], runtime) -> L
     run = lambda prompt, speculative, k, reuse: decode(  # noqa: E731
         model, model_args, prompt, args.max_new_tokens, None, vocab_size, speculative, k, reuse
     )
-    run(prompts[0]["ids"], False, 1, False)  # warm-up, not timed
-    plain_stats, plain_tokens = GenerationStats(), []
+    for speculative, k, reuse in [(False, 1, False)] + [(True, k, reuse) for k, reuse in settings]:
+        run(prompts[0]["ids"], speculative, k, reuse)  # warm-up, not timed
+    # Prompt by prompt, plain then speculative back to back, so that load changes on a shared machine hit both.
+    plain_stats, stats = GenerationStats(), [GenerationStats() for _ in settings]
+    identical = [0] * len(settings)
     for prompt in prompts:
-        result = run(prompt["ids"], False, 1, False)
-        plain_stats.add(result.stats)
-        plain_tokens.append(result.tokens)
-    for num_draft_tokens, reuse in settings:
-        run(prompts[0]["ids"], True, num_draft_tokens, reuse)
-        stats, identical = GenerationStats(), 0
-        for prompt, reference in zip(prompts, plain_tokens):
+        plain = run(prompt["ids"], False, 1, False)
+        plain_stats.add(plain.stats)
+        for index, (num_draft_tokens, reuse) in enumerate(settings):
             result = run(prompt["ids"], True, num_draft_tokens, reuse)
-            stats.add(result.stats)
-            identical += result.tokens == reference
+            stats[index].add(result.stats)
+            identical[index] += result.tokens == plain.tokens
+    for (num_draft_tokens, reuse), stat, same in zip(settings, stats, identical):
         rows.append(dict(
             model=f"{mode} D={depths}", draft_tokens=num_draft_tokens, reuse_last_depth=reuse,
-            tokens_per_forward=stats.tokens_per_forward, acceptance=stats.acceptance(),
-            plain_tokens_per_s=plain_stats.tokens_per_second, speculative_tokens_per_s=stats.tokens_per_second,
-            speedup=stats.tokens_per_second / plain_stats.tokens_per_second,
-            identical=f"{identical}/{len(prompts)}",
+            tokens_per_forward=stat.tokens_per_forward, acceptance=stat.acceptance(),
+            plain_tokens_per_s=plain_stats.tokens_per_second, speculative_tokens_per_s=stat.tokens_per_second,
+            speedup=stat.tokens_per_second / plain_stats.tokens_per_second, identical=f"{same}/{len(prompts)}",
         ))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def megatron_core_attempt(checkpoint: str) -> None:
-    """Under Megatron-Core 0.19: build its GPTModel with its own MTP block for the checkpoint and set up its MTP
-    speculative decoding (dynamic inference context, num_speculative_tokens=1). Prints the outcome as JSON."""
+class MegatronCoreDrafter:
+    """Megatron-Core 0.19's MTP drafting (``compute_mtp_single_step``, as its dynamic engine calls it): each depth
+    runs at the last position only, attending to nothing before it, on Megatron-Core's own MTP block."""
+
+    def __init__(self, core_model, max_sequence_length: int, vocab_size: int):
+        import torch
+
+        self.model, self.vocab_size = core_model, vocab_size
+        self.states = torch.zeros(max_sequence_length, 1, core_model.config.hidden_size)
+
+    def record_trunk(self, position, hidden):
+        self.states[position : position + hidden.size(0)] = hidden
+
+    def draft(self, tokens, last, count):
+        import torch
+
+        from megatron_mtp.inference import greedy_ids
+
+        hidden, drafts = self.states[last - 1 : last], []
+        with torch.no_grad():
+            for depth in range(count):
+                position = torch.tensor([[last + depth]])
+                hidden, logits = self.model.compute_mtp_single_step(
+                    hidden, tokens[last + depth].view(1, 1), position, depth=depth
+                )
+                drafts.append(int(greedy_ids(logits[0, 0], self.vocab_size)))
+                tokens[last + depth + 1] = drafts[-1]
+        return drafts
+
+    def accept(self, last, accepted):
+        pass
+
+
+def megatron_core_attempt(runs_dir: str) -> None:
+    """Under Megatron-Core 0.19: set up its MTP speculative decoding (the dynamic inference context with
+    num_speculative_tokens=1) for the sequential D=1 model, and, whether or not that runs on CPU, measure the
+    acceptance of its drafting method on the sequential models (Megatron-Core's GPTModel with its own MTP block,
+    holding our checkpoint's weights; verification by our loop). Prints the outcome as JSON."""
     from megatron.core.inference.config import InferenceConfig
     from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
 
-    from megatron_mtp.generate import model_arguments
-    from megatron_mtp.training.setup import init_distributed, padded_vocab_size, transformer_config
     from megatron_mtp.data.tokenizers import build_tokenizer
+    from megatron_mtp.generate import load_model, model_arguments
+    from megatron_mtp.inference import GenerationStats, speculative_generate
+    from megatron_mtp.training.setup import init_distributed, padded_vocab_size, transformer_config
 
-    args = model_arguments(checkpoint, [])
-    runtime = init_distributed(args)
-    config = transformer_config(args, runtime)
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
-    vocab = padded_vocab_size(build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size, args)
-    GPTModel(  # Megatron-Core's own MTP model for this checkpoint builds on CPU; its inference context is next
-        config, spec, vocab, args.max_position_embeddings, position_embedding_type=args.position_embedding_type,
-        mtp_block_spec=get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False),
-    )
-    try:
-        DynamicInferenceContext(
-            config, InferenceConfig(num_speculative_tokens=1, max_sequence_length=args.max_position_embeddings)
-        )
-        print(json.dumps(dict(ran=True)))
-    except Exception as error:  # the outcome is the report
-        print(json.dumps(dict(ran=False, error=f"{type(error).__name__}: {error}")))
+    with open(os.path.join(runs_dir, "prompts.json")) as f:
+        prompts = json.load(f)
+    outcome, runtime = dict(rows=[]), None
+    for mode, depths in MODELS:
+        if mode != "sequential":
+            continue
+        args = model_arguments(checkpoint_dir(runs_dir, mode, depths), [])
+        runtime = runtime or init_distributed(args)
+        config = transformer_config(args, runtime)
+        tokens = build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size
+        vocab = padded_vocab_size(tokens, args)
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+        core = GPTModel(
+            config, spec, vocab, args.max_position_embeddings, position_embedding_type=args.position_embedding_type,
+            rotary_base=args.rotary_base, share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            mtp_block_spec=get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False),
+        ).eval()
+        ours = load_model(args, runtime, vocab)
+        result = core.load_state_dict(ours.state_dict(), strict=False)
+        missing = [key for key in result.missing_keys + result.unexpected_keys if not key.endswith("_extra_state")]
+        if missing:
+            raise RuntimeError(f"Megatron-Core's GPTModel does not take our weights: {missing[:5]}")
+        if "engine_error" not in outcome:
+            try:
+                DynamicInferenceContext(
+                    config, InferenceConfig(num_speculative_tokens=depths, max_sequence_length=args.seq_length)
+                )
+                outcome["engine_error"] = None
+            except Exception as error:  # the error is the finding
+                outcome["engine_error"] = f"{type(error).__name__}: {error}"
+        stats = GenerationStats()
+        for prompt in prompts:
+            drafter = MegatronCoreDrafter(core, args.max_position_embeddings, tokens)
+            stats.add(speculative_generate(
+                ours, prompt["ids"], prompt["max_new_tokens"], args.max_position_embeddings, tokens, depths,
+                drafter=drafter,
+            ).stats)
+        outcome["rows"].append(dict(
+            model=f"{mode} D={depths}", draft_tokens=depths, tokens_per_forward=stats.tokens_per_forward,
+            acceptance=stats.acceptance(),
+        ))
+    print(json.dumps(outcome))
 
 
 def try_megatron_core(args) -> Dict:
     python = args.megatron_core_python
     if not python:
-        return dict(ran=False, error="not attempted: give --megatron-core-python (a Megatron-Core 0.19 environment)")
-    command = [python, __file__, "--megatron-core-attempt", checkpoint_dir(args.runs_dir, "sequential", 1)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "MASTER_PORT": "29611"})
+        return dict(engine_error="not attempted: give --megatron-core-python (a Megatron-Core 0.19 environment)")
+    command = [python, __file__, "--megatron-core-attempt", args.runs_dir]
+    done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if lines:
         return json.loads(lines[-1])
-    return dict(ran=False, error=(done.stderr.strip().splitlines() or ["no output"])[-1])
+    return dict(engine_error="the comparison itself failed: " + (done.stderr.strip().splitlines() or ["no output"])[-1])
 
 
 def markdown(rows: List[Dict], megatron_core: Dict, args) -> str:
@@ -175,8 +236,25 @@ def markdown(rows: List[Dict], megatron_core: Dict, args) -> str:
             f"{row['plain_tokens_per_s']:.1f} | {row['speculative_tokens_per_s']:.1f} | {row['speedup']:.2f}x | "
             f"{row['identical']} |"
         )
-    status = "ran" if megatron_core.get("ran") else f"did not run on CPU: `{megatron_core.get('error')}`"
-    lines.append(f"\nMegatron-Core 0.19 MTP speculative decoding (sequential D=1): {status}")
+    error = megatron_core.get("engine_error")
+    status = "set up on CPU" if error is None else f"cannot be set up on CPU: `{error}`"
+    lines.append(f"\nMegatron-Core 0.19's MTP speculative decoding (its dynamic inference engine): {status}.")
+    if megatron_core.get("rows"):
+        lines += [
+            "Its drafting method (`compute_mtp_single_step`: each depth at the last position only, no attention over"
+            " the context), on Megatron-Core's GPTModel holding the same weights, verified by this loop:\n",
+            "| model | drafts | tokens per main forward (ours) | (Megatron-Core's drafting) | acceptance (ours) |"
+            " acceptance (Megatron-Core's drafting) |",
+            "|---|---:|---:|---:|---|---|",
+        ]
+        ours = {(row["model"], row["draft_tokens"]): row for row in rows}
+        for theirs in megatron_core["rows"]:
+            mine = ours[(theirs["model"], theirs["draft_tokens"])]
+            lines.append(
+                f"| {theirs['model']} | {theirs['draft_tokens']} | {mine['tokens_per_forward']:.2f} | "
+                f"{theirs['tokens_per_forward']:.2f} | {', '.join(f'{r:.2f}' for r in mine['acceptance'])} | "
+                f"{', '.join(f'{r:.2f}' for r in theirs['acceptance'])} |"
+            )
     return "\n".join(lines)
 
 
@@ -194,6 +272,7 @@ def plot(rows: List[Dict], path: str) -> None:
     left.legend()
     for row, label in zip(rows, labels):
         right.plot(range(1, len(row["acceptance"]) + 1), row["acceptance"], marker="o", label=label.replace("\n", ", "))
+    right.set_xticks(range(1, max(len(row["acceptance"]) for row in rows) + 1))
     right.set_xlabel("draft position")
     right.set_ylabel("accepted (fraction of rounds)")
     right.set_ylim(0, 1)
@@ -209,18 +288,24 @@ def main(argv=None) -> None:
     for mode, depths in MODELS:
         if not os.path.isdir(checkpoint_dir(args.runs_dir, mode, depths)):
             subprocess.run(train_command(args, mode, depths), check=True)
-    megatron_core = try_megatron_core(args)
     from megatron_mtp.data.tokenizers import build_tokenizer
     from megatron_mtp.generate import model_arguments
     from megatron_mtp.training.setup import init_distributed
 
+    prompts = prompts_from(held_out_files(), args.prompts, args.prompt_tokens, build_tokenizer("ByteLevel", None))
+    with open(os.path.join(args.runs_dir, "prompts.json"), "w") as f:
+        json.dump([dict(prompt, max_new_tokens=args.max_new_tokens) for prompt in prompts], f)
+    megatron_core = try_megatron_core(args)
+    print(json.dumps(dict(megatron_core=megatron_core)), flush=True)
     runtime = init_distributed(model_arguments(checkpoint_dir(args.runs_dir, *MODELS[0]), []))
-    tokenizer = build_tokenizer("ByteLevel", None)
-    prompts = prompts_from(held_out_files(), args.prompts, args.prompt_tokens, tokenizer)
     rows = []
     for mode, depths in MODELS:
         rows += bench_model(args, mode, depths, prompts, runtime)
-    table = markdown(rows, megatron_core, args)
+    table = (
+        f"{len(prompts)} prompts of {args.prompt_tokens} tokens from held-out stdlib files, {args.max_new_tokens} new "
+        f"tokens each, batch 1, fp32 on CPU; models: {args.num_layers} layers, {args.train_iters} steps each.\n\n"
+        + markdown(rows, megatron_core, args)
+    )
     print(table)
     with open(os.path.join(args.runs_dir, "bench_speculative.md"), "w") as f:
         f.write(table + "\n")

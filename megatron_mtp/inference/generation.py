@@ -116,11 +116,17 @@ def speculative_generate(
     num_draft_tokens: int,
     reuse_last_depth: bool = False,
     eod: Optional[int] = None,
+    drafter=None,
 ) -> Generation:
-    """Greedy decoding with MTP drafts verified by the main model; returns the tokens of :func:`greedy_generate`."""
+    """Greedy decoding with MTP drafts verified by the main model; returns the tokens of :func:`greedy_generate`.
+
+    ``drafter``: another source of drafts with :class:`MTPDrafter`'s ``record_trunk``, ``draft`` and ``accept``
+    (a benchmark's comparison); by default an ``MTPDrafter`` of ``model``.
+    """
     check_lengths(prompt, max_new_tokens, max_sequence_length)
     start = time.perf_counter()
-    drafter = MTPDrafter(model, max_sequence_length, vocab_size, num_draft_tokens, reuse_last_depth)
+    if drafter is None:
+        drafter = MTPDrafter(model, max_sequence_length, vocab_size, num_draft_tokens, reuse_last_depth)
     main = CachedMainModel(model, max_sequence_length)
     tokens = torch.zeros(max_sequence_length + num_draft_tokens + 1, dtype=torch.long)  # committed, then drafts
     tokens[: len(prompt)] = torch.tensor(prompt)
