@@ -24,7 +24,7 @@ def _decode_every_case(states):
 
 def test_speculative_equals_greedy_at_tp2(single_process):
     states = st.trained_states()
-    ranks = run_world(_decode_every_case, 2, states, tp=2, timeout=900)
+    ranks = run_world(_decode_every_case, 2, states, tp=2, timeout=1800)
     assert ranks[0] == ranks[1]
     for (mode, depths), runs in ranks[0].items():
         model = st.trained(states[(mode, depths)], mode, depths)

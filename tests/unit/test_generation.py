@@ -17,7 +17,7 @@ from megatron_mtp.inference import (
     speculative_generate,
 )
 
-NEW_TOKENS = 8
+NEW_TOKENS = 6
 PROMPTS = 50
 
 
