@@ -135,11 +135,13 @@ def uncached_drafts(model: MTPGPTModel, committed: List[int], count: int) -> Lis
         for k in range(1, count + 1):
             ids = torch.tensor([(committed + drafts + [0] * count)[:length]])
             model(ids, positions, mask, runtime_gather_output=True)
-            outputs = model.mtp(
-                hidden["h0"], mask, input_ids=ids, position_ids=positions,
-                embedding=model.embedding if model.mtp_config.mode == "sequential" else None,
-                rotary_pos_emb=rotary,
-            )
+            embeddings = {}
+            if model.mtp_config.mode == "sequential":
+                embeddings = dict(
+                    token_embeddings=model.embedding(input_ids=ids, position_ids=positions),
+                    tail_embeddings=model.embedding(input_ids=torch.zeros_like(ids), position_ids=torch.zeros_like(positions)),
+                )
+            outputs = model.mtp(hidden["h0"], mask, **embeddings, rotary_pos_emb=rotary)
             logits, _ = model.output_layer(outputs[k - 1][last - 1 : last], runtime_gather_output=True)
             drafts.append(int(greedy_ids(logits[0, 0], VOCAB)))
     finally:

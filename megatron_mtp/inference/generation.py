@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
-from torch import Tensor
 
 from megatron_mtp.inference.drafting import MTPDrafter
 from megatron_mtp.inference.kv_cache import CachedMainModel, greedy_ids
