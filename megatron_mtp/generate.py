@@ -45,6 +45,8 @@ _SIGNATURE_FLAGS = {
     "mtp_mode": "--mtp-mode",
 }
 
+_TRAINING_ONLY_DEFAULTS = {"--micro-batch-size": "1", "--train-iters": "1", "--lr": "0", "--tokenizer-type": "ByteLevel"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -85,6 +87,10 @@ def model_arguments(load: str, model_argv: List[str]) -> argparse.Namespace:
             argv += [flag, str(value)]
     if "--disable-bias-linear" not in given and signature.get("bias_linear") is False:
         argv.append("--disable-bias-linear")
+    # Flags the pretrain script requires for training only; the tokenizer's vocabulary is checked by the signature.
+    for flag, value in _TRAINING_ONLY_DEFAULTS.items():
+        if flag not in given:
+            argv += [flag, value]
     args = parse_model_args(argv)
     if args.hf_config:
         raise NotImplementedError("generation from --hf-config (DeepSeek-V3, MLA) checkpoints is not supported yet")

@@ -37,6 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--megatron-core-attempt", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
+DEMO_MODEL_FLAGS = [  # examples/demo.sh's model and optimiser, which the measured models were trained with
+    "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "256", "--position-embedding-type", "rope",
+    "--normalization", "RMSNorm", "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--make-vocab-size-divisible-by", "128", "--tokenizer-type", "ByteLevel", "--micro-batch-size", "8",
+    "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "20", "--lr-decay-style", "cosine", "--adam-beta2", "0.95",
+]
+
 
 def checkpoint_dir(runs_dir: str, mode: str, depths: int) -> str:
     return os.path.join(runs_dir, f"{mode}_d{depths}", "ckpt")
@@ -45,8 +52,8 @@ def checkpoint_dir(runs_dir: str, mode: str, depths: int) -> str:
 def train_command(args, mode: str, depths: int) -> List[str]:
     out = os.path.dirname(checkpoint_dir(args.runs_dir, mode, depths))
     return [
-        sys.executable, "-m", "megatron_mtp.pretrain", "--num-layers", str(args.num_layers), "--mtp-mode", mode,
-        "--mtp-num-layers", str(depths), "--train-iters", str(args.train_iters), "--eval-interval", "200",
+        sys.executable, "-m", "megatron_mtp.pretrain", "--num-layers", str(args.num_layers), *DEMO_MODEL_FLAGS,
+        "--mtp-mode", mode, "--mtp-num-layers", str(depths), "--train-iters", str(args.train_iters), "--eval-interval", "200",
         "--eval-iters", "2", "--log-interval", "20", "--save", os.path.join(out, "ckpt"), "--save-interval", "100",
         "--json-log", os.path.join(out, "metrics.jsonl"),
     ]

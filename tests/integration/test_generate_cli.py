@@ -11,6 +11,7 @@ from megatron_mtp import generate
 from test_pretrain import REPO, run, tiny_data  # noqa: F401 (tiny_data is a fixture)
 
 PROMPT = "def parse(self, text):\n    "
+MODEL_FLAGS = ["--seq-length", "64", "--make-vocab-size-divisible-by", "160"]  # the TINY flags' that set shapes
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def checkpoints(tiny_data, tmp_path_factory):
 
 def _generate(arguments):
     result = subprocess.run(
-        [sys.executable, "-m", "megatron_mtp.generate", "--seq-length", "64", *arguments],
+        [sys.executable, "-m", "megatron_mtp.generate", *MODEL_FLAGS, *arguments],
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -58,5 +59,5 @@ def test_bad_input_is_refused(checkpoints, tmp_path, capsys, checkpoint, argumen
     if "--prompt-file" not in arguments:
         arguments += ["--prompt", PROMPT]
     with pytest.raises(SystemExit):
-        generate.main(["--load", checkpoints[checkpoint], "--seq-length", "64", "--max-new-tokens", "8", *arguments])
+        generate.main(["--load", checkpoints[checkpoint], *MODEL_FLAGS, "--max-new-tokens", "8", *arguments])
     assert re.search(message, capsys.readouterr().err)
