@@ -24,6 +24,8 @@ No other module looks at Megatron-Core's version. What differs:
   functions remain as deprecated wrappers there); and on 0.19 a router in an MTP layer (``is_mtp_layer``) adds
   ``num_layers`` to its layer number before looking whether it has one, so keeping a router out of the log
   takes both;
+- where a static inference context keeps ``materialize_only_last_token_logits``: on the context in 0.16, in its
+  ``InferenceConfig`` (``context.config``) in 0.19;
 - the extra keyword arguments ``GPTModel`` passes to ``_postprocess`` (``padding_mask`` and output processors in
   0.18+): the model takes them by keyword and hands them on unchanged, so nothing here needs to know.
 """
@@ -36,6 +38,7 @@ from megatron.core import __version__ as _megatron_core_version
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
 from megatron.core.dist_checkpointing.utils import apply_prefix_mapping, extract_nonpersistent, extract_sharded_base
+from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper, get_mtp_layer_offset
 from megatron.core.transformer.spec_utils import build_module
@@ -108,6 +111,15 @@ class MTPLayerModule(MegatronModule):
         if MTP_INNER_LAYER != CHECKPOINT_INNER_LAYER:
             apply_prefix_mapping(state, {f"{prefix}{MTP_INNER_LAYER}.": f"{prefix}{CHECKPOINT_INNER_LAYER}."})
         return state
+
+
+def static_inference_context(max_sequence_length: int):
+    """Megatron-Core's ``StaticInferenceContext`` for one sequence of up to ``max_sequence_length`` tokens, set to
+    return the logits of every token of a forward (a speculative verification needs them all), not only the last."""
+    context = StaticInferenceContext(max_batch_size=1, max_sequence_length=max_sequence_length)
+    settings = getattr(context, "config", context)  # the release that moved it is not pinned down (0.17 to 0.19)
+    settings.materialize_only_last_token_logits = False
+    return context
 
 
 def megatron_core_mtp_logged_losses() -> torch.Tensor:

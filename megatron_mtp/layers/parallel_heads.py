@@ -58,14 +58,18 @@ class ParallelMTPHead(MTPLayerModule):
         rotary_pos_emb: Optional[torch.Tensor] = None,
         rotary_pos_cos: Optional[torch.Tensor] = None,
         rotary_pos_sin: Optional[torch.Tensor] = None,
+        inference_context=None,
     ) -> torch.Tensor:
-        """trunk_states: h_0, [s, b, h] ([s/tp, b, h] under sequence parallelism). Returns h_k, same shape."""
+        """trunk_states: h_0, [s, b, h] ([s/tp, b, h] under sequence parallelism). Returns h_k, same shape.
+
+        inference_context: this head's own KV cache at generation time (see ``SequentialMTPLayer.forward``)."""
         hidden_states, _ = self.inner_layer(
             hidden_states=trunk_states,
             attention_mask=attention_mask,
             rotary_pos_emb=rotary_pos_emb,
             rotary_pos_cos=rotary_pos_cos,
             rotary_pos_sin=rotary_pos_sin,
+            inference_context=inference_context,
         )
         hidden_states = self.final_layernorm(hidden_states)
         return make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)

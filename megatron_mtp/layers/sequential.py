@@ -80,11 +80,14 @@ class SequentialMTPLayer(MTPLayerModule):
         rotary_pos_emb: Optional[torch.Tensor] = None,
         rotary_pos_cos: Optional[torch.Tensor] = None,
         rotary_pos_sin: Optional[torch.Tensor] = None,
+        inference_context=None,
     ) -> torch.Tensor:
         """
         Args:
             hidden_states: h_{k-1}, [s, b, h] ([s/tp, b, h] under sequence parallelism).
             token_embeddings: embedding of the tokens rolled left by k, same shape as ``hidden_states``.
+            inference_context: this depth's own KV cache (a Megatron-Core static inference context), at
+                generation time; its ``sequence_len_offset`` is the position of the first of the s tokens.
         Returns:
             h_k, same shape as ``hidden_states``.
         """
@@ -105,6 +108,7 @@ class SequentialMTPLayer(MTPLayerModule):
                     rotary_pos_emb=rotary_pos_emb,
                     rotary_pos_cos=rotary_pos_cos,
                     rotary_pos_sin=rotary_pos_sin,
+                    inference_context=inference_context,
                 )
         hidden_states = self.final_layernorm(hidden_states)
         return make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)

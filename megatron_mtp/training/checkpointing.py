@@ -119,6 +119,19 @@ def model_signature(args, vocab_size: int) -> Dict[str, Any]:
     )
 
 
+def saved_signature(root: str) -> Dict[str, Any]:
+    """The model signature recorded by the latest checkpoint under ``root`` ({} when it records none)."""
+    _, directory = _latest_checkpoint(root)
+    return dist_checkpointing.load_common_state_dict(directory).get("signature", {})
+
+
+def check_saved_signature(root: str, signature: Dict[str, Any]) -> None:
+    """Refuse, naming the differences, when the latest checkpoint under ``root`` records another signature."""
+    saved = saved_signature(root)
+    if saved:
+        _check_signature(root, iteration_dir(root, latest_iteration(root)), saved, signature)
+
+
 def load_checkpoint(root, model, optimizer, scheduler, signature: Dict[str, Any]) -> Tuple[int, Dict[str, Any]]:
     """Restore model, optimizer, LR schedule and (same topology) RNG. Returns (iteration, train_state)."""
     _, directory = _latest_checkpoint(root)

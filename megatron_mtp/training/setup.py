@@ -148,20 +148,7 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
 def build_model(args: argparse.Namespace, runtime: Runtime, config: TransformerConfig, vocab_size: int):
     """This rank's MTPGPTModel stage, wrapped in Megatron-Core DDP (around ``Float16Module`` in bf16, as
     Megatron-LM wraps it: bf16 parameters, fp32 outputs from the last stage)."""
-    use_te = runtime.device == "cuda" and _have_transformer_engine()
-    if config.num_moe_experts and config.add_bias_linear and not use_te:
-        raise ValueError(
-            "--num-experts with bias linears (the default; --disable-bias-linear removes them) needs "
-            "TransformerEngine: Megatron-Core's local expert MLP adds its bias in place into the output of a "
-            "tensor-parallel reduction, which autograd refuses (megatron/core/transformer/mlp.py); give "
-            "--disable-bias-linear"
-        )
-    if getattr(args, "hf_config", None):
-        model = deepseek_training.build_model(args, config, use_te)
-    else:
-        model = _build_gpt_model(args, config, vocab_size, use_te)
-    if runtime.device == "cuda":
-        model.cuda(torch.cuda.current_device())
+    model = build_core_model(args, runtime, config, vocab_size)
     if runtime.bf16:
         model = Float16Module(config, model)
     ddp = DistributedDataParallel(
@@ -176,6 +163,26 @@ def build_model(args: argparse.Namespace, runtime: Runtime, config: TransformerC
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     return ddp
+
+
+def build_core_model(args: argparse.Namespace, runtime: Runtime, config: TransformerConfig, vocab_size: int):
+    """This rank's bare model stage (``MTPGPTModel``, TransformerEngine modules on GPU when installed), on its
+    device: what training wraps, and what generation runs."""
+    use_te = runtime.device == "cuda" and _have_transformer_engine()
+    if config.num_moe_experts and config.add_bias_linear and not use_te:
+        raise ValueError(
+            "--num-experts with bias linears (the default; --disable-bias-linear removes them) needs "
+            "TransformerEngine: Megatron-Core's local expert MLP adds its bias in place into the output of a "
+            "tensor-parallel reduction, which autograd refuses (megatron/core/transformer/mlp.py); give "
+            "--disable-bias-linear"
+        )
+    if getattr(args, "hf_config", None):
+        model = deepseek_training.build_model(args, config, use_te)
+    else:
+        model = _build_gpt_model(args, config, vocab_size, use_te)
+    if runtime.device == "cuda":
+        model.cuda(torch.cuda.current_device())
+    return model
 
 
 def _build_gpt_model(args: argparse.Namespace, config: TransformerConfig, vocab_size: int, use_te: bool) -> MTPGPTModel:
