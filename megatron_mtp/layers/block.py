@@ -71,7 +71,7 @@ class MTPBlock(MegatronModule):
             token_embeddings = gather_from_sequence_parallel_region(
                 token_embeddings, tensor_parallel_output_grad=False, group=self.tp_group
             )
-            tail_embeddings = gather_from_sequence_parallel_region(tail_embeddings, tensor_parallel_output_grad=False, group=self.tp_group)
+            tail_embeddings = gather_from_sequence_parallel_region(tail_embeddings, group=self.tp_group)  # no grad
         previous = hidden_states
         for depth, layer in enumerate(self.layers, start=1):
             rolled = torch.cat((token_embeddings[depth:], tail_embeddings[:depth]))
