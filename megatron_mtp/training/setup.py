@@ -107,6 +107,10 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
+        # Megatron-LM's defaults with virtual stages. Batched p2p would also be wrong over gloo at PP=2: the
+        # activation and the gradient sent to the one neighbour are matched in posting order, and swap.
+        overlap_p2p_comm=bool(args.virtual_pipeline_model_parallel_size),
+        batch_p2p_comm=not args.virtual_pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
         bf16=runtime.bf16,
         params_dtype=dtype,
