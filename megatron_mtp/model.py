@@ -1,10 +1,11 @@
 """GPT with multi-token prediction on Megatron-Core's ``GPTModel``.
 
 The decoder, embedding, rotary embedding and output layer are Megatron-Core's. MTP modules live on the last
-pipeline stage (``post_process``). Sequential MTP embeds rolled tokens with that stage's copy of the
-vocab-parallel word embedding, which Megatron-Core keeps equal to stage 0's through the embedding group
-(``TransformerConfig.mtp_num_layers`` tells it to); parallel heads need no embedding. All depths share the
-output layer (tied to the embedding or not).
+pipeline stage (``post_process``: with virtual pipeline stages, the last model chunk of the last rank; a
+pipeline layout must put its ``m`` layers there, beside ``L``). Sequential MTP embeds rolled tokens with that
+stage's copy of the vocab-parallel word embedding, which Megatron-Core keeps equal to stage 0's through the
+embedding group (``TransformerConfig.mtp_num_layers`` tells it to); parallel heads need no embedding. All
+depths share the output layer (tied to the embedding or not).
 
 Training (labels given): ``forward`` returns the per-token next-token loss [b, s], exactly as ``GPTModel``
 does, with the MTP term riding along into backward (see ``loss/mtp_loss.py``); by default that loss comes from
