@@ -338,12 +338,12 @@ def _check_configs(config, mtp_config, mtp_block_spec, max_sequence_length, posi
     if mtp_config.enabled and config.context_parallel_size > 1:
         raise NotImplementedError("MTPGPTModel does not support context parallelism yet")
     if mtp_config.enabled:
-        _check_mtp_beside_loss(config.pipeline_model_parallel_layout)
+        check_mtp_beside_loss(config.pipeline_model_parallel_layout)
     if mtp_config.enabled and getattr(config, "use_mup", False):
         raise NotImplementedError("MTPGPTModel does not scale the MTP logits for muP yet: set use_mup=False")
 
 
-def _check_mtp_beside_loss(layout: Optional[PipelineParallelLayerLayout]) -> None:
+def check_mtp_beside_loss(layout: Optional[PipelineParallelLayerLayout]) -> None:
     """MTP runs on the model chunk with the loss (``post_process``: the last virtual stage of the last pipeline
     rank), where its loss needs the output layer, labels and loss mask. Megatron-Core's layout may also put its
     MTP layers (``m``) on an earlier stage ("standalone"), which sends the MTP hidden states on to the loss

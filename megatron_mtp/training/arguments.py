@@ -13,6 +13,7 @@ from megatron.core.transformer.pipeline_parallel_layer_layout import PipelinePar
 
 from megatron_mtp.arguments import add_mtp_args, mtp_config_from_args
 from megatron_mtp.data.tokenizers import TOKENIZER_TYPES
+from megatron_mtp.model import check_mtp_beside_loss
 
 DEFAULT_SPLIT = "969,30,1"
 DEFAULT_DATA_CACHE_PATH = os.path.join(os.path.expanduser("~"), ".cache", "megatron_mtp")
@@ -255,6 +256,13 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--expert-model-parallel-size > 1 needs --num-experts")
     if args.num_experts and args.num_experts % args.expert_model_parallel_size:
         parser.error(f"--num-experts {args.num_experts} must be divisible by --expert-model-parallel-size")
+    if args.pipeline_model_parallel_layout is not None and args.mtp_config.enabled:
+        try:
+            check_mtp_beside_loss(
+                PipelineParallelLayerLayout(args.pipeline_model_parallel_layout, args.pipeline_model_parallel_size)
+            )
+        except NotImplementedError as error:
+            parser.error(str(error))
     if args.mtp_config.num_layers >= args.seq_length:
         parser.error(f"--mtp-num-layers {args.mtp_config.num_layers} must be smaller than --seq-length {args.seq_length}")
     if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
