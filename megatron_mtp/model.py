@@ -354,8 +354,8 @@ def check_mtp_beside_loss(layout: Optional[PipelineParallelLayerLayout]) -> None
         for vp_stage, layers in enumerate(chunks):
             if LayerType.mtp in layers and LayerType.loss not in layers:
                 raise NotImplementedError(
-                    f"pipeline_model_parallel_layout {layout} (--pipeline-model-parallel-layout): the MTP layers ('m') are on pipeline rank {pp_rank}, "
-                    f"virtual stage {vp_stage}, without the loss ('L'). MTPGPTModel computes the MTP loss where MTP "
+                    f"pipeline_model_parallel_layout {layout} (--pipeline-model-parallel-layout): the MTP layers ('m') "
+                    f"are on pipeline rank {pp_rank}, virtual stage {vp_stage}, without the loss ('L'). MTPGPTModel computes the MTP loss where MTP "
                     "runs, with the loss stage's output layer and labels: put every 'm' in the last stage, just "
                     "before the 'L' (e.g. '...|mL')"
                 )

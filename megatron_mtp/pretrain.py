@@ -57,7 +57,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     data_path, train_set, valid_set = build_datasets(args, tokenizer, runtime.global_batch_size)
     dp_rank = parallel_state.get_data_parallel_rank()
-    # One iterator per model chunk, as Megatron-LM's interleaved schedule reads them: each chunk draws every micro-batch.
+    # One iterator per model chunk, as Megatron-LM's interleaved schedule reads them: each draws every micro-batch.
     train_batches = [
         MicroBatchIterator(train_set, consumed_samples, args.micro_batch_size, dp_rank, runtime.data_parallel_size)
         for _ in model

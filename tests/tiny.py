@@ -123,7 +123,8 @@ def build_chunks(config: TransformerConfig, mtp: MTPConfig, tied: bool = False) 
     """This rank's model chunks: one per virtual pipeline stage of ``config`` (one without)."""
     if not config.virtual_pipeline_model_parallel_size:
         return [build_model(config, mtp, tied=tied)]
-    return [build_model(config, mtp, tied=tied, vp_stage=stage) for stage in range(config.virtual_pipeline_model_parallel_size)]
+    stages = range(config.virtual_pipeline_model_parallel_size)
+    return [build_model(config, mtp, tied=tied, vp_stage=stage) for stage in stages]
 
 
 def build_model_with_weights(config: TransformerConfig, mtp: MTPConfig, tied: bool, weights: Optional[dict] = None):

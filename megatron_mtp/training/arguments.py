@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parallel.add_argument(
         "--num-virtual-stages-per-pipeline-rank", type=int, default=None,
-        help="Virtual pipeline stages (model chunks) per pipeline rank, instead of --num-layers-per-virtual-pipeline-stage.",
+        help="Virtual pipeline stages (model chunks) per pipeline rank; instead of "
+        "--num-layers-per-virtual-pipeline-stage.",
     )
     parallel.add_argument(
         "--pipeline-model-parallel-layout", type=str, default=None,
@@ -239,12 +240,12 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.hidden_size % args.num_attention_heads:
         parser.error(f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads {args.num_attention_heads}")
     args.virtual_pipeline_model_parallel_size = _virtual_pipeline_size(parser, args)
-    if args.pipeline_model_parallel_layout is None:
-        stages = args.pipeline_model_parallel_size * (args.virtual_pipeline_model_parallel_size or 1)
-        if args.num_layers % stages:
+    if args.pipeline_model_parallel_layout is None:  # a layout places the layers itself
+        virtual = args.virtual_pipeline_model_parallel_size
+        if args.num_layers % (args.pipeline_model_parallel_size * (virtual or 1)):
             parser.error(
                 f"--num-layers {args.num_layers} must be divisible by --pipeline-model-parallel-size "
-                f"{args.pipeline_model_parallel_size}" + (" x virtual stages per rank" if stages > args.pipeline_model_parallel_size else "")
+                f"{args.pipeline_model_parallel_size}" + (f" x {virtual} virtual stages per rank" if virtual else "")
             )
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         parser.error("--sequence-parallel needs --tensor-model-parallel-size > 1")
@@ -303,6 +304,9 @@ def _virtual_pipeline_size(parser: argparse.ArgumentParser, args: argparse.Names
     ]
     if len(given) > 1:
         parser.error(f"give at most one of {', '.join(given)}")
+    for dest in VIRTUAL_PIPELINE_FLAGS[:2]:
+        if getattr(args, dest) is not None and getattr(args, dest) < 1:
+            parser.error(f"--{dest.replace('_', '-')} must be >= 1, got {getattr(args, dest)}")
     pp = args.pipeline_model_parallel_size
     if args.pipeline_model_parallel_layout is not None:
         try:
@@ -325,8 +329,6 @@ def _virtual_pipeline_size(parser: argparse.ArgumentParser, args: argparse.Names
         size = per_rank // args.num_layers_per_virtual_pipeline_stage
     else:
         size = args.num_virtual_stages_per_pipeline_rank or 1
-    if size < 1:
-        parser.error(f"{given[0]} must be >= 1")
     if size > 1 and pp == 1:
         parser.error(f"{given[0]}: virtual pipeline stages need --pipeline-model-parallel-size > 1")
     return size if size > 1 else None

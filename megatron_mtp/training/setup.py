@@ -4,7 +4,7 @@ import argparse
 import os
 import socket
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -161,7 +161,8 @@ def build_model(args: argparse.Namespace, runtime: Runtime, config: TransformerC
     """This rank's MTPGPTModel chunks, one per virtual pipeline stage (one without), each wrapped in Megatron-Core
     DDP (around ``Float16Module`` in bf16, as Megatron-LM wraps it: bf16 parameters, fp32 outputs from the last
     stage). Returns the list Megatron-Core's schedules and optimizer take."""
-    stages = range(config.virtual_pipeline_model_parallel_size) if config.virtual_pipeline_model_parallel_size else [None]
+    virtual = config.virtual_pipeline_model_parallel_size
+    stages = range(virtual) if virtual else [None]
     chunks = []
     for vp_stage in stages:
         model = build_core_model(args, runtime, config, vocab_size, vp_stage)
@@ -186,7 +187,11 @@ def build_model(args: argparse.Namespace, runtime: Runtime, config: TransformerC
 
 
 def build_core_model(
-    args: argparse.Namespace, runtime: Runtime, config: TransformerConfig, vocab_size: int, vp_stage=None
+    args: argparse.Namespace,
+    runtime: Runtime,
+    config: TransformerConfig,
+    vocab_size: int,
+    vp_stage: Optional[int] = None,
 ):
     """This rank's bare model stage (``MTPGPTModel``; virtual stage ``vp_stage`` with virtual pipeline stages;
     TransformerEngine modules on GPU when installed), on its device: what training wraps, and what generation
@@ -208,7 +213,9 @@ def build_core_model(
     return model
 
 
-def _build_gpt_model(args: argparse.Namespace, config: TransformerConfig, vocab_size: int, use_te: bool, vp_stage) -> MTPGPTModel:
+def _build_gpt_model(
+    args: argparse.Namespace, config: TransformerConfig, vocab_size: int, use_te: bool, vp_stage: Optional[int]
+) -> MTPGPTModel:
     block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, vp_stage=vp_stage)
     mtp_spec = None
     if args.mtp_config.enabled:
