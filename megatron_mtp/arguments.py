@@ -10,10 +10,6 @@ from typing import Optional, Tuple
 
 from megatron_mtp.config import DEPTH_WEIGHTINGS, LOSS_IMPLEMENTATIONS, MTP_MODES, MTPConfig
 
-VIRTUAL_PIPELINE_FLAGS = ("num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank")
-"""Megatron-LM's flags (by dest) for virtual pipeline stages (interleaved 1F1B), which MTP does not support yet."""
-
-
 def _schedule(text: str) -> Tuple[Tuple[int, float], ...]:
     """``"STEP:LAMBDA,STEP:LAMBDA"`` -> ((STEP, LAMBDA), ...)."""
     entries = []
@@ -109,12 +105,6 @@ def mtp_config_from_args(args: argparse.Namespace, parser: Optional[argparse.Arg
 
 
 def _config(args: argparse.Namespace) -> MTPConfig:
-    for dest in VIRTUAL_PIPELINE_FLAGS:
-        if getattr(args, dest, None) is not None:
-            raise ValueError(
-                f"--{dest.replace('_', '-')} {getattr(args, dest)}: virtual pipeline stages (interleaved 1F1B) are "
-                "not supported with multi-token prediction yet; drop the flag"
-            )
     num_layers = args.mtp_num_layers or 0
     if args.mtp_num_layers is not None and args.mtp_num_layers < 0:
         raise ValueError(f"--mtp-num-layers must be >= 0, got {args.mtp_num_layers}")

@@ -1,10 +1,11 @@
 """GPT with multi-token prediction on Megatron-Core's ``GPTModel``.
 
 The decoder, embedding, rotary embedding and output layer are Megatron-Core's. MTP modules live on the last
-pipeline stage (``post_process``). Sequential MTP embeds rolled tokens with that stage's copy of the
-vocab-parallel word embedding, which Megatron-Core keeps equal to stage 0's through the embedding group
-(``TransformerConfig.mtp_num_layers`` tells it to); parallel heads need no embedding. All depths share the
-output layer (tied to the embedding or not).
+pipeline stage (``post_process``: with virtual pipeline stages, the last model chunk of the last rank; a
+pipeline layout must put its ``m`` layers there, beside ``L``). Sequential MTP embeds rolled tokens with that
+stage's copy of the vocab-parallel word embedding, which Megatron-Core keeps equal to stage 0's through the
+embedding group (``TransformerConfig.mtp_num_layers`` tells it to); parallel heads need no embedding. All
+depths share the output layer (tied to the embedding or not).
 
 Training (labels given): ``forward`` returns the per-token next-token loss [b, s], exactly as ``GPTModel``
 does, with the MTP term riding along into backward (see ``loss/mtp_loss.py``); by default that loss comes from
@@ -23,6 +24,8 @@ from megatron.core.config_logger import has_config_logger_enabled
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import LayerType
+from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -334,13 +337,28 @@ def _check_configs(config, mtp_config, mtp_block_spec, max_sequence_length, posi
         raise ValueError("pass mtp_block_spec from megatron_mtp.layers.get_mtp_block_spec, not Megatron-Core's")
     if mtp_config.enabled and config.context_parallel_size > 1:
         raise NotImplementedError("MTPGPTModel does not support context parallelism yet")
-    if mtp_config.enabled and (config.virtual_pipeline_model_parallel_size or 1) > 1:
-        raise NotImplementedError(
-            "MTPGPTModel does not support virtual pipeline stages (interleaved 1F1B) yet: "
-            f"virtual_pipeline_model_parallel_size is {config.virtual_pipeline_model_parallel_size}"
-        )
+    if mtp_config.enabled:
+        check_mtp_beside_loss(config.pipeline_model_parallel_layout)
     if mtp_config.enabled and getattr(config, "use_mup", False):
         raise NotImplementedError("MTPGPTModel does not scale the MTP logits for muP yet: set use_mup=False")
+
+
+def check_mtp_beside_loss(layout: Optional[PipelineParallelLayerLayout]) -> None:
+    """MTP runs on the model chunk with the loss (``post_process``: the last virtual stage of the last pipeline
+    rank), where its loss needs the output layer, labels and loss mask. Megatron-Core's layout may also put its
+    MTP layers (``m``) on an earlier stage ("standalone"), which sends the MTP hidden states on to the loss
+    stage; our MTP block computes its loss where it runs, so that placement is refused."""
+    if layout is None:
+        return
+    for pp_rank, chunks in enumerate(layout.layout):
+        for vp_stage, layers in enumerate(chunks):
+            if LayerType.mtp in layers and LayerType.loss not in layers:
+                raise NotImplementedError(
+                    f"pipeline_model_parallel_layout {layout} (--pipeline-model-parallel-layout): the MTP layers ('m') "
+                    f"are on pipeline rank {pp_rank}, virtual stage {vp_stage}, without the loss ('L'). MTPGPTModel computes the MTP loss where MTP "
+                    "runs, with the loss stage's output layer and labels: put every 'm' in the last stage, just "
+                    "before the 'L' (e.g. '...|mL')"
+                )
 
 
 @contextlib.contextmanager

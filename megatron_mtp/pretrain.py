@@ -42,28 +42,33 @@ def main(argv: Optional[List[str]] = None) -> None:
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
     vocab_size = padded_vocab_size(tokenizer.vocab_size, args)
     config = transformer_config(args, runtime)
-    model = build_model(args, runtime, config, vocab_size)
+    model = build_model(args, runtime, config, vocab_size)  # one DDP chunk per virtual pipeline stage
     optimizer, scheduler = build_optimizer(args, runtime, model)
     signature = model_signature(args, vocab_size)
 
     iteration, consumed_samples = 0, 0
     if args.load and args.finetune:
-        load_model_weights(args.load, model.module, signature)
+        load_model_weights(args.load, _modules(model), signature)
         _print(f"loaded model weights from {args.load}; training starts at iteration 0 (--finetune)")
     elif args.load:
-        iteration, train_state = load_checkpoint(args.load, model.module, optimizer, scheduler, signature)
+        iteration, train_state = load_checkpoint(args.load, _modules(model), optimizer, scheduler, signature)
         consumed_samples = train_state["consumed_samples"]
         _print(f"resumed from {args.load} at iteration {iteration} ({consumed_samples} samples consumed)")
 
     data_path, train_set, valid_set = build_datasets(args, tokenizer, runtime.global_batch_size)
     dp_rank = parallel_state.get_data_parallel_rank()
-    train_batches = MicroBatchIterator(train_set, consumed_samples, args.micro_batch_size, dp_rank, runtime.data_parallel_size)
+    # One iterator per model chunk, as Megatron-LM's interleaved schedule reads them: each draws every micro-batch.
+    train_batches = [
+        MicroBatchIterator(train_set, consumed_samples, args.micro_batch_size, dp_rank, runtime.data_parallel_size)
+        for _ in model
+    ]
     log = MetricsLog(args.train_iters, args.tensorboard_dir, args.json_log) if dist.get_rank() == dist.get_world_size() - 1 else None
     device = torch.device(runtime.device, torch.cuda.current_device()) if runtime.device == "cuda" else torch.device("cpu")
     _print(
-        f"training {sum(p.numel() for p in model.parameters()):,} parameters on this rank, "
+        f"training {sum(p.numel() for chunk in model for p in chunk.parameters()):,} parameters on this rank, "
         f"MTP {args.mtp_config.mode} D={args.mtp_config.num_layers}, world {dist.get_world_size()} "
-        f"(TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}, DP {runtime.data_parallel_size}), "
+        f"(TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size} x {len(model)} virtual, "
+        f"DP {runtime.data_parallel_size}), "
         f"{runtime.global_batch_size} samples x {args.seq_length} tokens per step, {_precision(runtime)}, "
         f"gradient-accumulation fusion {'on' if config.gradient_accumulation_fusion else 'off'}, data {' '.join(data_path)}"
     )
@@ -80,7 +85,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     last_saved = iteration if args.load and not args.finetune else None
     window_start, window_iters = time.time(), 0
     while iteration < args.train_iters:
-        model.train()
+        _set_training(model, True)
         logging_step = (iteration + 1) % args.log_interval == 0 or iteration + 1 == args.train_iters
         # Acceptance metrics cost an argmax over the logits per micro-batch: gather them on logging steps only.
         stats = MTPStats(args.mtp_config.num_layers, args.mtp_config.latent_losses) if logging_step else None
@@ -150,8 +155,10 @@ def _finish(log: Optional[MetricsLog]) -> None:
     dist.destroy_process_group()
 
 
-def run_microbatches(model, batches: Iterator[Dict], runtime, args, device, stats, step: int, forward_only: bool):
-    """One schedule over ``runtime.num_microbatches`` micro-batches; returns the last stage's loss reports."""
+def run_microbatches(model, batches: List[Iterator[Dict]], runtime, args, device, stats, step: int, forward_only: bool):
+    """One schedule over ``runtime.num_microbatches`` micro-batches; returns the last stage's loss reports.
+
+    ``model``: this rank's DDP chunks; ``batches``: one micro-batch iterator per chunk."""
 
     def forward_step(data_iterator, model):
         batch = {name: tensor.to(device) for name, tensor in next(data_iterator).items()}
@@ -174,11 +181,12 @@ def run_microbatches(model, batches: Iterator[Dict], runtime, args, device, stat
         return output, loss_func
 
     if not forward_only:
-        model.zero_grad_buffer()
+        for chunk in model:
+            chunk.zero_grad_buffer()
     return get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=batches,
-        model=[model],
+        data_iterator=batches if len(batches) > 1 else batches[0],
+        model=model,
         num_microbatches=runtime.num_microbatches,
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
@@ -199,10 +207,13 @@ def reduce_metrics(reports: List[Dict], stats: MTPStats, device) -> Dict[str, fl
 
 @torch.no_grad()
 def evaluate(model, valid_set, runtime, args, device, log, iteration: int) -> None:
-    model.eval()
-    batches = MicroBatchIterator(
-        valid_set, 0, args.micro_batch_size, parallel_state.get_data_parallel_rank(), runtime.data_parallel_size
-    )
+    _set_training(model, False)
+    batches = [
+        MicroBatchIterator(
+            valid_set, 0, args.micro_batch_size, parallel_state.get_data_parallel_rank(), runtime.data_parallel_size
+        )
+        for _ in model
+    ]
     reports, stats = [], MTPStats(args.mtp_config.num_layers, args.mtp_config.latent_losses)
     for _ in range(args.eval_iters):
         reports += run_microbatches(model, batches, runtime, args, device, stats, iteration, forward_only=True)
@@ -210,15 +221,25 @@ def evaluate(model, valid_set, runtime, args, device, log, iteration: int) -> No
     if log is not None:
         metrics["lm_ppl"] = math.exp(min(metrics["lm_loss"], 50.0))
         log.log(iteration, metrics, prefix="validation/")
-    model.train()
+    _set_training(model, True)
 
 
 def save(args, iteration, model, optimizer, scheduler, consumed_samples, signature) -> None:
     start = time.time()
     directory = save_checkpoint(
-        args.save, iteration, model.module, optimizer, scheduler, {"consumed_samples": consumed_samples}, signature
+        args.save, iteration, _modules(model), optimizer, scheduler, {"consumed_samples": consumed_samples}, signature
     )
     _print(f"saved checkpoint at iteration {iteration} to {directory} ({time.time() - start:.1f} s)")
+
+
+def _modules(model: List) -> List[torch.nn.Module]:
+    """The modules the DDP chunks wrap (what checkpoints hold)."""
+    return [chunk.module for chunk in model]
+
+
+def _set_training(model: List, mode: bool) -> None:
+    for chunk in model:
+        chunk.train(mode)
 
 
 def _precision(runtime) -> str:

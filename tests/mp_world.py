@@ -8,8 +8,9 @@ import torch
 import torch.multiprocessing as mp
 
 
-def run_world(fn, world_size: int, *args, tp: int = 1, pp: int = 1, ep: int = 1, timeout: float = 600.0):
-    """Spawn ``world_size`` ranks, each running ``fn(*args)`` after ``initialize_model_parallel``.
+def run_world(fn, world_size: int, *args, tp: int = 1, pp: int = 1, ep: int = 1, vpp=None, timeout: float = 600.0):
+    """Spawn ``world_size`` ranks, each running ``fn(*args)`` after ``initialize_model_parallel`` (``vpp``:
+    virtual pipeline stages per rank, or None).
 
     ``fn`` must be importable (a module-level function). Returns the list of per-rank results.
     Raises with the failing rank's traceback if any rank fails.
@@ -20,7 +21,7 @@ def run_world(fn, world_size: int, *args, tp: int = 1, pp: int = 1, ep: int = 1,
         context = mp.get_context("spawn")
         port = free_port()
         procs = [
-            context.Process(target=_rank_main, args=(rank, world_size, port, tp, pp, ep, fn, args, result_dir))
+            context.Process(target=_rank_main, args=(rank, world_size, port, tp, pp, ep, vpp, fn, args, result_dir))
             for rank in range(world_size)
         ]
         for proc in procs:
@@ -43,7 +44,7 @@ def run_world(fn, world_size: int, *args, tp: int = 1, pp: int = 1, ep: int = 1,
         return [torch.load(os.path.join(result_dir, f"{rank}.pt"), weights_only=False) for rank in range(world_size)]
 
 
-def _rank_main(rank, world_size, port, tp, pp, ep, fn, args, result_dir):
+def _rank_main(rank, world_size, port, tp, pp, ep, vpp, fn, args, result_dir):
     try:
         import warnings
 
@@ -57,7 +58,10 @@ def _rank_main(rank, world_size, port, tp, pp, ep, fn, args, result_dir):
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
         )
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp,
+            expert_model_parallel_size=ep,
         )
         cpu_bridge.manual_seed(1234)
         result = fn(*args)

@@ -12,7 +12,11 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_decoder_layer_specs,
+    get_gpt_mtp_block_spec,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
@@ -84,14 +88,22 @@ def transformer_config(
     return TransformerConfig(**{**settings, **overrides})
 
 
-def decoder_spec(config: TransformerConfig):
+def decoder_spec(config: TransformerConfig, vp_stage: Optional[int] = None):
     """This stage's decoder block spec (local modules), with norms that accept sequence parallelism."""
-    return cpu_bridge.with_sequence_parallel_norms(get_gpt_decoder_block_spec(config, use_transformer_engine=False))
+    return cpu_bridge.with_sequence_parallel_norms(
+        get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp_stage)
+    )
 
 
-def build_model(config: TransformerConfig, mtp: MTPConfig, tied: bool = False, position: str = "rope"):
-    spec = decoder_spec(config)
-    mtp_spec = cpu_bridge.with_sequence_parallel_norms(get_mtp_block_spec(spec, mtp)) if mtp.enabled else None
+def build_model(
+    config: TransformerConfig, mtp: MTPConfig, tied: bool = False, position: str = "rope", vp_stage: Optional[int] = None
+):
+    """This rank's stage (virtual stage ``vp_stage`` under virtual pipeline parallelism)."""
+    spec = decoder_spec(config, vp_stage)
+    mtp_spec = None
+    if mtp.enabled:  # from the model's last decoder layer: a pipeline layout may give the MTP stage none
+        last_layer = get_gpt_decoder_layer_specs(config, use_transformer_engine=False)[-1]
+        mtp_spec = cpu_bridge.with_sequence_parallel_norms(get_mtp_block_spec(last_layer, mtp))
     return MTPGPTModel(
         config,
         spec,
@@ -99,11 +111,20 @@ def build_model(config: TransformerConfig, mtp: MTPConfig, tied: bool = False, p
         SEQ,
         mtp_config=mtp,
         mtp_block_spec=mtp_spec,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=tied,
         position_embedding_type=position,
+        vp_stage=vp_stage,
     )
+
+
+def build_chunks(config: TransformerConfig, mtp: MTPConfig, tied: bool = False) -> List[MTPGPTModel]:
+    """This rank's model chunks: one per virtual pipeline stage of ``config`` (one without)."""
+    if not config.virtual_pipeline_model_parallel_size:
+        return [build_model(config, mtp, tied=tied)]
+    stages = range(config.virtual_pipeline_model_parallel_size)
+    return [build_model(config, mtp, tied=tied, vp_stage=stage) for stage in stages]
 
 
 def build_model_with_weights(config: TransformerConfig, mtp: MTPConfig, tied: bool, weights: Optional[dict] = None):
@@ -152,6 +173,14 @@ def wrap_ddp(model, config, use_distributed_optimizer: bool = False, overlap_gra
     return ddp
 
 
+def wrap_ddp_chunks(chunks: List, config) -> List[DistributedDataParallel]:
+    """``wrap_ddp`` for each model chunk; the interleaved schedule takes one ``no_sync`` per chunk."""
+    wrapped = [wrap_ddp(chunk, config) for chunk in chunks]
+    if len(wrapped) > 1:
+        config.no_sync_func = [chunk.no_sync for chunk in wrapped]
+    return wrapped
+
+
 def adam(model, config, lr: float, use_distributed_optimizer: bool = False):
     """Megatron-Core's Adam for a ``wrap_ddp`` model: fp32 main parameters in bf16 (sharded across data-parallel
     ranks with ``use_distributed_optimizer``, which needs the DDP wrapped with it too), gradients clipped at 1."""
@@ -192,10 +221,13 @@ def make_batches(num_microbatches: int, seed: int = 0, fully_masked_microbatch: 
 
 
 def train_step(model, config, batches: List[dict], stats: Optional[MTPStats] = None, mtp_step=None):
-    """One Megatron forward/backward over the micro-batches (1F1B under PP). Returns per-micro-batch LM loss.
+    """One Megatron forward/backward over the micro-batches (1F1B under PP, interleaved with virtual stages).
+    Returns per-micro-batch LM loss.
 
-    ``model`` (DDP-wrapped) is ours or Megatron-Core's ``GPTModel``; ``stats`` and ``mtp_step`` are for ours."""
-    mtp_kwargs = dict(mtp_stats=stats, mtp_step=mtp_step) if isinstance(unwrap_model(model), MTPGPTModel) else {}
+    ``model`` (DDP-wrapped, or a list of DDP-wrapped chunks) is ours or Megatron-Core's ``GPTModel``; ``stats``
+    and ``mtp_step`` are for ours."""
+    chunks = model if isinstance(model, list) else [model]
+    mtp_kwargs = dict(mtp_stats=stats, mtp_step=mtp_step) if isinstance(unwrap_model(chunks[0]), MTPGPTModel) else {}
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -216,11 +248,13 @@ def train_step(model, config, batches: List[dict], stats: Optional[MTPStats] = N
 
         return output, loss_func
 
-    model.zero_grad_buffer()
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(batches),
-        model=[model],
+        # One iterator per chunk: each chunk's forward draws every micro-batch.
+        data_iterator=[iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches),
+        model=chunks,
         num_microbatches=len(batches),
         seq_length=SEQ,
         micro_batch_size=BATCH,
@@ -234,7 +268,15 @@ _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 
 def global_names(model) -> Dict[str, torch.nn.Parameter]:
-    """Parameters by the name they have in a one-process model (decoder layers and experts made global)."""
+    """Parameters by the name they have in a one-process model (decoder layers and experts made global), of a
+    model or of a rank's list of model chunks."""
+    if isinstance(model, list):
+        names = {}
+        for chunk in model:
+            chunk_names = global_names(chunk)
+            assert not names.keys() & chunk_names.keys(), sorted(names.keys() & chunk_names.keys())
+            names.update(chunk_names)
+        return names
     core = unwrap_model(model, (DistributedDataParallel, Float16Module))
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     names = {}

@@ -84,7 +84,8 @@ def build_model(
     Args:
         hf_config: an HF ``config.json`` (dict, path, directory) or configs from :func:`megatron_configs`.
         use_transformer_engine: default: whether TransformerEngine is importable.
-        pre_process, post_process: default: whether this rank is the first / last pipeline stage.
+        pre_process, post_process: default: whether this rank (virtual stage ``vp_stage``) is the first / last
+            pipeline stage.
         overrides: extra ``MLATransformerConfig`` fields (parallel sizes, dtypes, dispatcher...), only
             when ``hf_config`` is not already translated.
     """
@@ -98,6 +99,10 @@ def build_model(
         use_transformer_engine = transformer_engine_available()
     if not transformer_engine_available():
         _mla_without_transformer_engine()
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     return MTPGPTModel(
         configs.transformer,
         decoder_block_spec(configs, use_transformer_engine, vp_stage),
@@ -105,8 +110,8 @@ def build_model(
         configs.max_sequence_length,
         mtp_config=configs.mtp,
         mtp_block_spec=mtp_block_spec(configs, use_transformer_engine),
-        pre_process=parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process,
-        post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
+        pre_process=pre_process,
+        post_process=post_process,
         share_embeddings_and_output_weights=configs.share_embeddings_and_output_weights,
         # MLA computes its own (YaRN) rotary embedding; GPTModel builds none for MLA with "rope".
         position_embedding_type="rope",

@@ -98,10 +98,13 @@ def transformer_config(args: argparse.Namespace, **overrides) -> MLATransformerC
     ).transformer
 
 
-def build_model(args: argparse.Namespace, config: MLATransformerConfig, use_transformer_engine: bool) -> MTPGPTModel:
-    """This stage's DeepSeek-V3 model, on ``config`` (the instance DDP will use) and the run's MTP settings."""
+def build_model(
+    args: argparse.Namespace, config: MLATransformerConfig, use_transformer_engine: bool, vp_stage: Optional[int] = None
+) -> MTPGPTModel:
+    """This stage's DeepSeek-V3 model (virtual stage ``vp_stage``), on ``config`` (the instance DDP will use) and
+    the run's MTP settings."""
     configs = dataclasses.replace(megatron_configs(args.hf_config), transformer=config, mtp=args.mtp_config)
-    return build_deepseek_model(configs, use_transformer_engine=use_transformer_engine)
+    return build_deepseek_model(configs, use_transformer_engine=use_transformer_engine, vp_stage=vp_stage)
 
 
 def _explicit_flags(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> dict:

@@ -58,7 +58,7 @@ def _check_layout(args: argparse.Namespace, config: MTPConfig) -> None:
         return
     if not isinstance(layout, PipelineParallelLayerLayout):
         layout = PipelineParallelLayerLayout(layout, args.pipeline_model_parallel_size)
-    stages = [stage for rank_stages in layout.layout for stage in rank_stages]  # pipeline order
+    stages = [stage for rank_stages in layout.layout for stage in rank_stages]  # the loss stage last
     on_last = stages[-1].count(LayerType.mtp)
     elsewhere = sum(stage.count(LayerType.mtp) for stage in stages[:-1])
     if elsewhere or on_last != config.num_layers:

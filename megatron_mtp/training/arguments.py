@@ -9,11 +9,18 @@ import argparse
 import os
 from typing import List, Optional
 
+from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
 from megatron_mtp.arguments import add_mtp_args, mtp_config_from_args
 from megatron_mtp.data.tokenizers import TOKENIZER_TYPES
+from megatron_mtp.model import check_mtp_beside_loss
 
 DEFAULT_SPLIT = "969,30,1"
 DEFAULT_DATA_CACHE_PATH = os.path.join(os.path.expanduser("~"), ".cache", "megatron_mtp")
+VIRTUAL_PIPELINE_FLAGS = (
+    "num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank", "pipeline_model_parallel_layout"
+)
+"""Megatron-LM's flags (by dest) setting virtual pipeline stages per rank (interleaved 1F1B); at most one."""
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "train_iters", "lr",
             "tokenizer_type")
 """Flags without a default: Megatron-LM refuses to run without them too (or without a replacement we lack)."""
@@ -95,8 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parallel.add_argument("--expert-model-parallel-size", type=int, default=1)
-    for flag in ("--num-layers-per-virtual-pipeline-stage", "--num-virtual-stages-per-pipeline-rank"):
-        parallel.add_argument(flag, type=int, default=None, help="Virtual pipeline stages: not supported yet (an error).")
+    parallel.add_argument(
+        "--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+        help="Decoder layers per virtual pipeline stage: each rank holds several model chunks, trained with the "
+        "interleaved 1F1B schedule. MTP lives on the last chunk of the last rank.",
+    )
+    parallel.add_argument(
+        "--num-virtual-stages-per-pipeline-rank", type=int, default=None,
+        help="Virtual pipeline stages (model chunks) per pipeline rank; instead of "
+        "--num-layers-per-virtual-pipeline-stage.",
+    )
+    parallel.add_argument(
+        "--pipeline-model-parallel-layout", type=str, default=None,
+        help="Megatron-Core's pipeline layout, e.g. 'Et|t|tt|mmL': stages split by '|' (pipeline ranks in turn, "
+        "then virtual stages); E embedding, t decoder layer, m MTP depth or head (one per --mtp-num-layers), L loss. "
+        "Every 'm' must be in the last stage, with the 'L'.",
+    )
     parallel.add_argument("--sequence-parallel", action="store_true")
     parallel.add_argument("--use-distributed-optimizer", action="store_true")
     parallel.add_argument(
@@ -218,11 +239,14 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.hidden_size % args.num_attention_heads:
         parser.error(f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads {args.num_attention_heads}")
-    if args.num_layers % args.pipeline_model_parallel_size:
-        parser.error(
-            f"--num-layers {args.num_layers} must be divisible by --pipeline-model-parallel-size "
-            f"{args.pipeline_model_parallel_size}"
-        )
+    args.virtual_pipeline_model_parallel_size = _virtual_pipeline_size(parser, args)
+    if args.pipeline_model_parallel_layout is None:  # a layout places the layers itself
+        virtual = args.virtual_pipeline_model_parallel_size
+        if args.num_layers % (args.pipeline_model_parallel_size * (virtual or 1)):
+            parser.error(
+                f"--num-layers {args.num_layers} must be divisible by --pipeline-model-parallel-size "
+                f"{args.pipeline_model_parallel_size}" + (f" x {virtual} virtual stages per rank" if virtual else "")
+            )
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         parser.error("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.sequence_parallel and args.seq_length % args.tensor_model_parallel_size:
@@ -233,6 +257,13 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--expert-model-parallel-size > 1 needs --num-experts")
     if args.num_experts and args.num_experts % args.expert_model_parallel_size:
         parser.error(f"--num-experts {args.num_experts} must be divisible by --expert-model-parallel-size")
+    if args.pipeline_model_parallel_layout is not None and args.mtp_config.enabled:
+        try:
+            check_mtp_beside_loss(
+                PipelineParallelLayerLayout(args.pipeline_model_parallel_layout, args.pipeline_model_parallel_size)
+            )
+        except NotImplementedError as error:
+            parser.error(str(error))
     if args.mtp_config.num_layers >= args.seq_length:
         parser.error(f"--mtp-num-layers {args.mtp_config.num_layers} must be smaller than --seq-length {args.seq_length}")
     if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
@@ -263,6 +294,44 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         )
     if args.ffn_hidden_size is None:  # Megatron-LM's rule
         args.ffn_hidden_size = int(4 * args.hidden_size * 2 / 3 / 64) * 64 if args.swiglu else 4 * args.hidden_size
+
+
+def _virtual_pipeline_size(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[int]:
+    """Virtual pipeline stages per rank from Megatron-LM's three flags (at most one given), as Megatron-LM derives
+    it; None for one stage per rank."""
+    given = [
+        f"--{dest.replace('_', '-')}" for dest in VIRTUAL_PIPELINE_FLAGS if getattr(args, dest) is not None
+    ]
+    if len(given) > 1:
+        parser.error(f"give at most one of {', '.join(given)}")
+    for dest in VIRTUAL_PIPELINE_FLAGS[:2]:
+        if getattr(args, dest) is not None and getattr(args, dest) < 1:
+            parser.error(f"--{dest.replace('_', '-')} must be >= 1, got {getattr(args, dest)}")
+    pp = args.pipeline_model_parallel_size
+    if args.pipeline_model_parallel_layout is not None:
+        try:
+            stages = PipelineParallelLayerLayout.get_num_stages_from_str(args.pipeline_model_parallel_layout)
+        except AssertionError as error:  # Megatron-Core's message names the character it does not know
+            parser.error(f"--pipeline-model-parallel-layout {args.pipeline_model_parallel_layout}: {error}")
+        if stages % pp:
+            parser.error(
+                f"--pipeline-model-parallel-layout has {stages} stages, not a multiple of "
+                f"--pipeline-model-parallel-size {pp}"
+            )
+        size = stages // pp
+    elif args.num_layers_per_virtual_pipeline_stage is not None:
+        per_rank = args.num_layers // pp
+        if args.num_layers % pp or per_rank % args.num_layers_per_virtual_pipeline_stage:
+            parser.error(
+                f"--num-layers {args.num_layers} / --pipeline-model-parallel-size {pp} must be a multiple of "
+                f"--num-layers-per-virtual-pipeline-stage {args.num_layers_per_virtual_pipeline_stage}"
+            )
+        size = per_rank // args.num_layers_per_virtual_pipeline_stage
+    else:
+        size = args.num_virtual_stages_per_pipeline_rank or 1
+    if size > 1 and pp == 1:
+        parser.error(f"{given[0]}: virtual pipeline stages need --pipeline-model-parallel-size > 1")
+    return size if size > 1 else None
 
 
 def _as_list(value) -> list:

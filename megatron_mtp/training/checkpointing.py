@@ -57,7 +57,8 @@ def latest_iteration(root: str) -> int:
 
 
 def save_checkpoint(root, iteration, model, optimizer, scheduler, train_state: Dict[str, Any], signature: Dict[str, Any]) -> str:
-    """Collective: every rank calls it. Returns the committed checkpoint directory."""
+    """Collective: every rank calls it. ``model``: the module, or this rank's list of model chunks (virtual
+    pipeline stages). Returns the committed checkpoint directory."""
     final = iteration_dir(root, iteration)
     staging = final + ".partial"
     rank = dist.get_rank()
@@ -67,9 +68,9 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, train_state: D
         os.makedirs(staging)
     dist.barrier()
     metadata = _metadata()
-    model_state = model.sharded_state_dict(metadata=metadata)
+    model_state = _model_state(model, metadata)
     state = {
-        "model": model_state,
+        **model_state,
         "optimizer": optimizer.sharded_state_dict(model_state, is_loading=False, metadata=metadata),
         "rng_state": _rng_sharded_object(_rng_state()),
         "opt_param_scheduler": scheduler.state_dict(),
@@ -140,9 +141,9 @@ def load_checkpoint(root, model, optimizer, scheduler, signature: Dict[str, Any]
     _check_optimizer_can_resume(root, optimizer)
     _check_optimizer_kinds(root, directory, common.get("optimizer_kinds"), optimizer)
     metadata = _metadata()
-    model_state = model.sharded_state_dict(metadata=metadata)
+    model_state = _model_state(model, metadata)
     request = {
-        "model": model_state,
+        **model_state,
         "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True, metadata=metadata),
     }
     same_topology = common.get("topology") == _topology()
@@ -150,7 +151,7 @@ def load_checkpoint(root, model, optimizer, scheduler, signature: Dict[str, Any]
         request["rng_state"] = _rng_sharded_object(None)
     loaded = _load(request, directory, root)
     with torch.no_grad():  # fp32 distributed-optimizer main params are views of the model's leaf parameters
-        _load_model_state(model, loaded["model"], root)
+        _load_model_states(model, loaded, root)
         optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["opt_param_scheduler"])
     if same_topology:
@@ -176,10 +177,34 @@ def load_model_weights(root: str, model, signature: Optional[Dict[str, Any]] = N
                 f"--load {root}: {directory} records no model signature (not written by this project's pretrain "
                 "script or converter); only its tensor names and shapes are checked against this model"
             )
-    loaded = _load({"model": model.sharded_state_dict(metadata=_metadata())}, directory, root)
+    loaded = _load(_model_state(model, _metadata()), directory, root)
     with torch.no_grad():
-        _load_model_state(model, loaded["model"], root)
+        _load_model_states(model, loaded, root)
     return iteration
+
+
+def _chunks(model) -> List[torch.nn.Module]:
+    return model if isinstance(model, (list, tuple)) else [model]
+
+
+def _chunk_keys(model) -> List[str]:
+    """Megatron-LM's keys for the model chunks: ``model``, or ``model0``, ``model1``, ... with virtual pipeline
+    stages. Tensors are matched by their global names, not by these keys: a checkpoint loads at another number
+    of virtual stages."""
+    chunks = _chunks(model)
+    return ["model"] if len(chunks) == 1 else [f"model{index}" for index in range(len(chunks))]
+
+
+def _model_state(model, metadata: Dict[str, Any]) -> Dict[str, Any]:
+    """The sharded state of every chunk of ``model`` (a module, or this rank's list of model chunks)."""
+    return {
+        key: chunk.sharded_state_dict(metadata=metadata) for key, chunk in zip(_chunk_keys(model), _chunks(model))
+    }
+
+
+def _load_model_states(model, loaded: Dict[str, Any], root: str) -> None:
+    for key, chunk in zip(_chunk_keys(model), _chunks(model)):
+        _load_model_state(chunk, loaded[key], root)
 
 
 def _load(request: Dict[str, Any], directory: str, root: str) -> Dict[str, Any]:

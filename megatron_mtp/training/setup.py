@@ -4,14 +4,14 @@ import argparse
 import os
 import socket
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_decoder_layer_specs
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
@@ -56,6 +56,7 @@ def init_distributed(args: argparse.Namespace) -> Runtime:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
     )
     if device == "cuda":
@@ -70,13 +71,14 @@ def init_distributed(args: argparse.Namespace) -> Runtime:
             f"--global-batch-size {global_batch} must be a multiple of --micro-batch-size x data-parallel size "
             f"({args.micro_batch_size} x {data_parallel})"
         )
-    return Runtime(
-        device,
-        *precision(args),
-        data_parallel,
-        global_batch // (args.micro_batch_size * data_parallel),
-        global_batch,
-    )
+    num_microbatches = global_batch // (args.micro_batch_size * data_parallel)
+    if args.virtual_pipeline_model_parallel_size and num_microbatches % args.pipeline_model_parallel_size:
+        raise ValueError(
+            f"virtual pipeline stages (interleaved 1F1B) need the micro-batches per step ({num_microbatches} = "
+            f"--global-batch-size / (--micro-batch-size x data-parallel size {data_parallel})) to be a multiple of "
+            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}"
+        )
+    return Runtime(device, *precision(args), data_parallel, num_microbatches, global_batch)
 
 
 def precision(args: argparse.Namespace) -> Tuple[bool, bool]:
@@ -103,6 +105,12 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
     run_settings = dict(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
+        # Megatron-LM's defaults with virtual stages. Batched p2p would also be wrong over gloo at PP=2: the
+        # activation and the gradient sent to the one neighbour are matched in posting order, and swap.
+        overlap_p2p_comm=bool(args.virtual_pipeline_model_parallel_size),
+        batch_p2p_comm=not args.virtual_pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
         bf16=runtime.bf16,
         params_dtype=dtype,
@@ -125,7 +133,7 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
             expert_model_parallel_size=args.expert_model_parallel_size,
             moe_grouped_gemm=False,
         )
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
@@ -138,36 +146,56 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std,
-        mtp_num_layers=args.mtp_config.megatron_mtp_num_layers,
+        # As Megatron-LM sets it, so a --pipeline-model-parallel-layout holds one 'm' per MTP depth or head ...
+        mtp_num_layers=args.mtp_config.num_layers or None,
         mtp_loss_scaling_factor=args.mtp_config.loss_scaling_factor,
         **moe,
         **run_settings,
     )
+    # ... then what MTPGPTModel needs (parallel heads: unset), assigned past __post_init__'s layout check.
+    config.mtp_num_layers = args.mtp_config.megatron_mtp_num_layers
+    return config
 
 
 def build_model(args: argparse.Namespace, runtime: Runtime, config: TransformerConfig, vocab_size: int):
-    """This rank's MTPGPTModel stage, wrapped in Megatron-Core DDP (around ``Float16Module`` in bf16, as
-    Megatron-LM wraps it: bf16 parameters, fp32 outputs from the last stage)."""
-    model = build_core_model(args, runtime, config, vocab_size)
-    if runtime.bf16:
-        model = Float16Module(config, model)
-    ddp = DistributedDataParallel(
-        config=config,
-        ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=runtime.grad_reduce_in_fp32,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=args.use_distributed_optimizer,
-        ),
-        module=model,
-    )
+    """This rank's MTPGPTModel chunks, one per virtual pipeline stage (one without), each wrapped in Megatron-Core
+    DDP (around ``Float16Module`` in bf16, as Megatron-LM wraps it: bf16 parameters, fp32 outputs from the last
+    stage). Returns the list Megatron-Core's schedules and optimizer take."""
+    virtual = config.virtual_pipeline_model_parallel_size
+    stages = range(virtual) if virtual else [None]
+    chunks = []
+    for vp_stage in stages:
+        model = build_core_model(args, runtime, config, vocab_size, vp_stage)
+        if runtime.bf16:
+            model = Float16Module(config, model)
+        chunks.append(
+            DistributedDataParallel(
+                config=config,
+                ddp_config=DistributedDataParallelConfig(
+                    grad_reduce_in_fp32=runtime.grad_reduce_in_fp32,
+                    overlap_grad_reduce=False,
+                    use_distributed_optimizer=args.use_distributed_optimizer,
+                ),
+                module=model,
+                disable_bucketing=len(chunks) > 0,  # as Megatron-LM: one bucket for every chunk after the first
+            )
+        )
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp.no_sync
-    return ddp
+    no_sync = [chunk.no_sync for chunk in chunks]
+    config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
+    return chunks
 
 
-def build_core_model(args: argparse.Namespace, runtime: Runtime, config: TransformerConfig, vocab_size: int):
-    """This rank's bare model stage (``MTPGPTModel``, TransformerEngine modules on GPU when installed), on its
-    device: what training wraps, and what generation runs."""
+def build_core_model(
+    args: argparse.Namespace,
+    runtime: Runtime,
+    config: TransformerConfig,
+    vocab_size: int,
+    vp_stage: Optional[int] = None,
+):
+    """This rank's bare model stage (``MTPGPTModel``; virtual stage ``vp_stage`` with virtual pipeline stages;
+    TransformerEngine modules on GPU when installed), on its device: what training wraps, and what generation
+    runs."""
     use_te = runtime.device == "cuda" and _have_transformer_engine()
     if config.num_moe_experts and config.add_bias_linear and not use_te:
         raise ValueError(
@@ -177,17 +205,23 @@ def build_core_model(args: argparse.Namespace, runtime: Runtime, config: Transfo
             "--disable-bias-linear"
         )
     if getattr(args, "hf_config", None):
-        model = deepseek_training.build_model(args, config, use_te)
+        model = deepseek_training.build_model(args, config, use_te, vp_stage)
     else:
-        model = _build_gpt_model(args, config, vocab_size, use_te)
+        model = _build_gpt_model(args, config, vocab_size, use_te, vp_stage)
     if runtime.device == "cuda":
         model.cuda(torch.cuda.current_device())
     return model
 
 
-def _build_gpt_model(args: argparse.Namespace, config: TransformerConfig, vocab_size: int, use_te: bool) -> MTPGPTModel:
-    block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
-    mtp_spec = get_mtp_block_spec(block_spec, args.mtp_config, use_transformer_engine=use_te) if args.mtp_config.enabled else None
+def _build_gpt_model(
+    args: argparse.Namespace, config: TransformerConfig, vocab_size: int, use_te: bool, vp_stage: Optional[int]
+) -> MTPGPTModel:
+    block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, vp_stage=vp_stage)
+    mtp_spec = None
+    if args.mtp_config.enabled:
+        # The model's last decoder layer, as Megatron-LM's builder takes it: the MTP stage may build no decoder layer.
+        last_layer_spec = get_gpt_decoder_layer_specs(config, use_transformer_engine=use_te)[-1]
+        mtp_spec = get_mtp_block_spec(last_layer_spec, args.mtp_config, use_transformer_engine=use_te)
     if not use_te:
         block_spec = cpu_bridge.with_sequence_parallel_norms(block_spec)
         mtp_spec = cpu_bridge.with_sequence_parallel_norms(mtp_spec)
@@ -198,11 +232,12 @@ def _build_gpt_model(args: argparse.Namespace, config: TransformerConfig, vocab_
         args.max_position_embeddings,
         mtp_config=args.mtp_config,
         mtp_block_spec=mtp_spec,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type=args.position_embedding_type,
         rotary_base=args.rotary_base,
+        vp_stage=vp_stage,
     )
 
 
@@ -220,7 +255,7 @@ def build_optimizer(args: argparse.Namespace, runtime: Runtime, model):
             params_dtype=torch.bfloat16 if runtime.bf16 else torch.float32,
             use_distributed_optimizer=args.use_distributed_optimizer,
         ),
-        [model],
+        model,
     )
     samples = runtime.global_batch_size
     scheduler = OptimizerParamScheduler(

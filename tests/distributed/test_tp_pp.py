@@ -1,12 +1,15 @@
-"""TP=2, PP=2 (1F1B, several micro-batches) and TP=2 x PP=2 give one process's losses, MTP metrics and
-gradients, for both MTP modes; SP at TP=2; MTP only on the last stage. Under PP (the only place a rank holds a
-second copy of the word embedding) the copies stay equal after optimizer steps, shard by shard. Each test spawns
-one gloo world and runs several cases in it.
+"""TP=2, PP=2 (1F1B, several micro-batches), PP=2 with two virtual stages per rank (interleaved 1F1B; also with a
+Megatron-Core pipeline layout that gives MTP a stage of its own, beside the loss) and TP=2 x PP=2 give one
+process's losses, MTP metrics and gradients, for both MTP modes; SP at TP=2; MTP only on the last stage (its last
+virtual stage). Under PP (the only place a rank holds a second copy of the word embedding) the copies stay equal
+after optimizer steps, shard by shard. Each test spawns one gloo world and runs several cases in it.
 
 The one-process reference uses the plain MTP loss (full logits); the parallel runs use the chunked loss
 (5-token chunks, which do not divide the tokens), alternating gradients-in-forward and recomputation, so
 these tests also show the two loss paths agree under TP, SP and PP. Cases with SP or tied weights add the
 latent semantic enhancement losses (gathered over the sequence under SP, embedding copy under PP)."""
+
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -17,7 +20,7 @@ from megatron_mtp.config import MTPConfig
 from megatron_mtp.loss import MTPStats
 from mp_world import run_world
 from tiny import (
-    build_model,
+    build_chunks,
     global_names,
     grad_of,
     load_full_state,
@@ -25,32 +28,48 @@ from tiny import (
     max_grad_diffs,
     train_step,
     transformer_config,
-    wrap_ddp,
+    wrap_ddp_chunks,
 )
 
 MICROBATCHES = 4
-# (mode, sequence_parallel, tied output)
+
+
+class Case(NamedTuple):
+    mode: str
+    sp: bool  # sequence parallel
+    tied: bool  # output layer tied to the word embedding
+    layout: Optional[str] = None  # Megatron-Core's pipeline_model_parallel_layout, 4 decoder layers
+
+
 TP_CASES = [
-    ("sequential", False, False),
-    ("sequential", True, False),
-    ("sequential", True, True),
-    ("parallel", False, False),
-    ("parallel", True, False),
+    Case("sequential", False, False),
+    Case("sequential", True, False),
+    Case("sequential", True, True),
+    Case("parallel", False, False),
+    Case("parallel", True, False),
 ]
 PP_CASES = [
-    ("sequential", False, False),
-    ("sequential", False, True),
-    ("parallel", False, False),
-    ("parallel", False, True),
+    Case("sequential", False, False),
+    Case("sequential", False, True),
+    Case("parallel", False, False),
+    Case("parallel", False, True),
+]
+# PP=2 x 2 virtual stages: rank 0 holds stages 0 and 2, rank 1 stages 1 and 3 (MTP and the loss).
+VIRTUAL_PP_CASES = [
+    Case("sequential", False, False),
+    Case("sequential", False, True),
+    Case("parallel", False, True),
+    Case("sequential", False, False, layout="Et|t|tt|mmL"),  # MTP in the last stage without decoder layers
+    Case("parallel", False, False, layout="Et|t|tt|L"),  # parallel heads are not layers of Megatron-Core's layout
 ]
 TP_PP_CASES = [
-    ("sequential", True, False),
-    ("parallel", False, True),
+    Case("sequential", True, False),
+    Case("parallel", False, True),
 ]
 
 
-def _mtp_config(case, case_index: int, reference: bool) -> MTPConfig:
-    mode, sp, tied = case
+def _mtp_config(case: Case, case_index: int, reference: bool) -> MTPConfig:
+    mode, sp, tied = case.mode, case.sp, case.tied
     latent = 0.3 if sp or tied else 0.0
     return MTPConfig(
         num_layers=2,
@@ -70,7 +89,7 @@ def _reference(cases, microbatches):
     for case_index, case in enumerate(cases):
         mtp = _mtp_config(case, case_index, reference=True)
         config = transformer_config(mtp)
-        model = wrap_ddp(build_model(config, mtp, tied=case[2]), config)
+        (model,) = wrap_ddp_chunks(build_chunks(config, mtp, tied=case.tied), config)
         weights = {name: p.detach().clone() for name, p in global_names(model).items()}
         stats = MTPStats(2)
         losses = train_step(model, config, make_batches(microbatches, fully_masked_microbatch=1), stats)
@@ -83,13 +102,19 @@ def _parallel_run(cases, references, microbatches, optimizer_steps):
     """Runs in every rank: same cases at this world's TP/PP, compared locally with the reference."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     out = []
-    for case_index, ((mode, sp, tied), reference) in enumerate(zip(cases, references, strict=True)):
-        mtp = _mtp_config((mode, sp, tied), case_index, reference=False)
-        config = transformer_config(mtp, tp=tp, pp=pp, sp=sp)
-        model = build_model(config, mtp, tied=tied)
+    for case_index, (case, reference) in enumerate(zip(cases, references, strict=True)):
+        mtp = _mtp_config(case, case_index, reference=False)
+        settings = dict(pipeline_model_parallel_layout=case.layout) if case.layout else {}
+        if vpp:  # the interleaved schedule's p2p settings, as Megatron-LM's (see training/setup.py)
+            settings.update(overlap_p2p_comm=True, batch_p2p_comm=False)
+        config = transformer_config(
+            mtp, tp=tp, pp=pp, sp=case.sp, virtual_pipeline_model_parallel_size=vpp, **settings
+        )
+        model = build_chunks(config, mtp, tied=case.tied)
         load_full_state(model, _tied_aliases(reference["weights"], model))
-        model = wrap_ddp(model, config)
+        model = wrap_ddp_chunks(model, config)
         stats = MTPStats(2)
         losses = train_step(model, config, make_batches(microbatches, fully_masked_microbatch=1), stats)
         diffs = max_grad_diffs(model, _tied_aliases(reference["grads"], model))
@@ -103,16 +128,16 @@ def _parallel_run(cases, references, microbatches, optimizer_steps):
             grad_diffs=diffs,
         )
         if optimizer_steps:
-            optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1.0), [model])
+            optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1.0), model)
             for step in range(optimizer_steps):
                 if step:
                     optimizer.zero_grad()
                     train_step(model, config, make_batches(microbatches, seed=step))
                 optimizer.step()
-            core = model.module
+            core = (model[0] if parallel_state.is_pipeline_first_stage() else model[-1]).module
             if hasattr(core, "embedding"):
                 result["embedding"] = core.embedding.word_embeddings.weight.detach().clone()
-            elif tied:
+            elif case.tied:
                 result["embedding"] = core.output_layer.weight.detach().clone()
         out.append(result)
     return out
@@ -151,7 +176,7 @@ def _check(rank_results, references, cases):
 def _check_embedding_copies(rank_results, cases, tp):
     """PP=2 after optimizer steps: the last stage holds a copy of the word embedding where sequential MTP embeds
     its input or the output layer is tied; each copy equals the first stage's shard of the same TP rank."""
-    for case_index, (mode, _, tied) in enumerate(cases):
+    for case_index, (mode, _, tied, _) in enumerate(cases):
         results = [r[case_index] for r in rank_results]
         firsts = {r["tp_rank"]: r for r in results if r["first_stage"] and not r["last_stage"]}
         lasts = {r["tp_rank"]: r for r in results if r["last_stage"] and not r["first_stage"]}
@@ -165,9 +190,11 @@ def _check_embedding_copies(rank_results, cases, tp):
                 torch.testing.assert_close(first["embedding"], last["embedding"], atol=0, rtol=0)
 
 
-def _run(cases, world, tp, pp, optimizer_steps=0):
+def _run(cases, world, tp, pp, optimizer_steps=0, vpp=None):
     references = _reference(cases, MICROBATCHES)
-    rank_results = run_world(_parallel_run, world, cases, references, MICROBATCHES, optimizer_steps, tp=tp, pp=pp)
+    rank_results = run_world(
+        _parallel_run, world, cases, references, MICROBATCHES, optimizer_steps, tp=tp, pp=pp, vpp=vpp
+    )
     assert len(rank_results) == world
     _check(rank_results, references, cases)
     if optimizer_steps:
@@ -180,6 +207,10 @@ def test_tensor_parallel_with_and_without_sequence_parallel(single_process):
 
 def test_pipeline_parallel_1f1b_and_embedding_copies_after_optimizer_steps(single_process):
     _run(PP_CASES, world=2, tp=1, pp=2, optimizer_steps=2)
+
+
+def test_virtual_pipeline_interleaved_1f1b_and_layouts_and_embedding_copies(single_process):
+    _run(VIRTUAL_PP_CASES, world=2, tp=1, pp=2, optimizer_steps=2, vpp=2)
 
 
 def test_tensor_and_pipeline_parallel(single_process):

@@ -187,6 +187,28 @@ def test_resume_after_kill_is_bit_exact(tiny_data, tmp_path):
         assert {k: resumed[iteration][k] for k in keys} == {k: straight[iteration][k] for k in keys}, iteration
 
 
+def test_virtual_pipeline_resumes_bit_exact_and_trains_like_one_process(tiny_data, tmp_path):
+    """PP=2 x 2 virtual stages (4 layers, one per stage) saves at iteration 2. Resumed there, with the same split
+    given as Megatron-Core's layout (MTP beside the loss), it repeats iterations 3-4 bit for bit; resumed by one
+    process (no virtual stages; model and optimizer state) it trains them alike."""
+    four_layers = ["--num-layers", "4", "--train-iters", "4"]
+    save, logs = tmp_path / "ckpt", {name: tmp_path / f"{name}.jsonl" for name in ("straight", "layout", "one")}
+    run(2, [*four_layers, "--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+            "--save", str(save), "--save-interval", "2", "--json-log", str(logs["straight"])], tiny_data)
+    (save / "latest_checkpointed_iteration.txt").write_text("2")  # resume from the first of the two checkpoints
+    out = run(2, [*four_layers, "--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Et|t|t|tmmL",
+                  "--load", str(save), "--json-log", str(logs["layout"])], tiny_data)
+    assert "PP 2 x 2 virtual" in out.stdout and "resumed from" in out.stdout
+    run(1, [*four_layers, "--load", str(save), "--json-log", str(logs["one"])], tiny_data)
+    straight, layout, one = (read_log(logs[name]) for name in ("straight", "layout", "one"))
+    assert sorted(layout) == sorted(one) == [3, 4]
+    keys = ["lm_loss", "mtp_1_loss", "mtp_2_loss", "mtp_1_acc", "mtp_2_acc", "grad_norm"]
+    for iteration in (3, 4):
+        assert {k: layout[iteration][k] for k in keys} == {k: straight[iteration][k] for k in keys}, iteration
+        for key in keys:
+            assert one[iteration][key] == pytest.approx(straight[iteration][key], abs=1e-5), (iteration, key)
+
+
 def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2_with_the_same_loss(tiny_data, tmp_path):
     save = tmp_path / "ckpt"
     run(2, ["--tensor-model-parallel-size", "2", "--train-iters", "3", "--save", str(save)], tiny_data)

@@ -1,7 +1,8 @@
 """Megatron-LM's own ``pretrain()`` through the patched ``pretrain_gpt.py``, on CPU, two processes.
 
 The release matching the installed megatron-core (core_v0.16.1 or core_r0.19.0) runs a tiny GPT for three
-iterations on mock data at TP=2 (sequential MTP) and at PP=2 (parallel heads, untied), with megatron_mtp's per-depth metrics in Megatron-LM's
+iterations on mock data at TP=2 (sequential MTP), at PP=2 (parallel heads, untied) and at PP=2 with two virtual
+stages per rank (sequential MTP, interleaved 1F1B), with megatron_mtp's per-depth metrics in Megatron-LM's
 log and TensorBoard; a checkpoint saved by Megatron-LM at iteration 2 is resumed and iteration 3 is repeated.
 """
 
@@ -21,7 +22,11 @@ from megatron_lm_files import (
 
 DEPTHS = 2
 MTP_KEYS = [f"mtp_{depth} {name}" for depth in range(1, DEPTHS + 1) for name in ("loss", "acc", "acc_main")]
-PARALLELISM = {"tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"]}
+PARALLELISM = {
+    "tp2": ["--tensor-model-parallel-size", "2"],
+    "pp2": ["--pipeline-model-parallel-size", "2"],
+    "pp2vp2": ["--pipeline-model-parallel-size", "2", "--num-layers", "4", "--num-virtual-stages-per-pipeline-rank", "2"],
+}
 ITERATIONS = {1, 2, 3}
 
 
@@ -58,7 +63,11 @@ def saved_runs(script, tmp_path_factory):
 
 @pytest.mark.parametrize(
     "parallelism, mode, extra",
-    [("tp2", "sequential", ()), ("pp2", "parallel", ("--untie-embeddings-and-output-weights",))],
+    [
+        ("tp2", "sequential", ()),
+        ("pp2", "parallel", ("--untie-embeddings-and-output-weights",)),
+        ("pp2vp2", "sequential", ()),
+    ],
 )
 def test_trains_logs_per_depth_metrics_and_resumes(script, saved_runs, parallelism, mode, extra):
     stdout, checkpoints, tensorboard = saved_runs(parallelism, mode, *extra)

@@ -59,15 +59,6 @@ def test_works_as_extra_args_provider_on_a_parser_that_has_megatrons_flags():
     assert config.num_layers == 1
 
 
-@pytest.mark.parametrize("flag", ["--num-layers-per-virtual-pipeline-stage", "--num-virtual-stages-per-pipeline-rank"])
-def test_megatron_lm_virtual_pipeline_flags_are_refused(flag, capsys):
-    parser = argparse.ArgumentParser(prog="megatron")
-    parser.add_argument(flag, type=int, default=None)
-    with pytest.raises(SystemExit):
-        _parse(["--mtp-num-layers", "1", flag, "2"], parser)
-    assert f"{flag} 2: virtual pipeline stages (interleaved 1F1B) are not supported" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -104,10 +95,24 @@ def test_contradictory_flags_fail_at_parse_time_naming_the_flags(argv, message, 
         (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], "must be divisible by --pipeline-model-parallel-size"),
         (["--data-path", "0.5", "a", "b"], "WEIGHT PREFIX pairs"),
         (["--num-experts", "4", "--moe-per-layer-logging"], "--moe-per-layer-logging writes to TensorBoard"),
-        (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
-         "--num-layers-per-virtual-pipeline-stage 1: virtual pipeline stages (interleaved 1F1B) are not supported"),
         (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"],
-         "--num-virtual-stages-per-pipeline-rank 2: virtual pipeline stages (interleaved 1F1B) are not supported"),
+         "--num-layers 2 must be divisible by --pipeline-model-parallel-size 2 x 2 virtual stages per rank"),
+        (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "0"],
+         "--num-layers-per-virtual-pipeline-stage must be >= 1, got 0"),
+        (["--num-virtual-stages-per-pipeline-rank", "2"],
+         "--num-virtual-stages-per-pipeline-rank: virtual pipeline stages need --pipeline-model-parallel-size > 1"),
+        (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2"],
+         "--num-layers 2 / --pipeline-model-parallel-size 2 must be a multiple of --num-layers-per-virtual-pipeline-stage 2"),
+        (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+          "--pipeline-model-parallel-layout", "Et|tL"],
+         "give at most one of --num-virtual-stages-per-pipeline-rank, --pipeline-model-parallel-layout"),
+        (["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Et|t|tL"],
+         "--pipeline-model-parallel-layout has 3 stages, not a multiple of --pipeline-model-parallel-size 2"),
+        (["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Ex|tL"],
+         "Invalid layer character: x"),
+        (["--pipeline-model-parallel-size", "2", "--mtp-num-layers", "2", "--pipeline-model-parallel-layout", "Et|t|mm|L"],
+         "(--pipeline-model-parallel-layout): the MTP layers ('m') are on pipeline rank 0, virtual stage 1, without the "
+         "loss ('L')"),
         (["--fp16"], "--fp16 is not supported"),
         (["--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 needs bf16 parameters: give --bf16"),
         (["--bf16", "--fp16"], "not allowed with argument"),
@@ -127,6 +132,22 @@ def test_flags_megatron_lm_requires_are_required(capsys):
         "the following arguments are required: --hidden-size, --num-attention-heads, --seq-length, "
         "--micro-batch-size, --train-iters, --lr, --tokenizer-type"
     ) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, size",
+    [
+        ([], None),
+        (["--num-layers", "8", "--num-layers-per-virtual-pipeline-stage", "2"], 2),
+        (["--num-virtual-stages-per-pipeline-rank", "2", "--num-layers", "4"], 2),
+        (["--num-virtual-stages-per-pipeline-rank", "1"], None),
+        (["--pipeline-model-parallel-layout", "Et|(t|)*4,mL", "--mtp-num-layers", "1", "--num-layers", "5"], 3),
+        (["--pipeline-model-parallel-layout", "Et|tmL"], None),
+    ],
+)
+def test_virtual_pipeline_size_is_derived_as_megatron_lm_derives_it(argv, size):
+    args = parse_args(REQUIRED + ["--pipeline-model-parallel-size", "2", *argv])
+    assert args.virtual_pipeline_model_parallel_size == size
 
 
 def test_derived_defaults_follow_megatron_lm():

@@ -158,8 +158,9 @@ def test_pretrain_precision_flags_build_megatron_lms_model(single_process, flags
                        *flags])
     runtime = Runtime("cpu", *precision(args), 1, 1, 8)
     config = run_config(args, runtime)
-    model = build_model(args, runtime, config, 256)
-    optimizer, _ = build_optimizer(args, runtime, model)
+    chunks = build_model(args, runtime, config, 256)
+    optimizer, _ = build_optimizer(args, runtime, chunks)
+    (model,) = chunks
     bf16 = params_dtype == torch.bfloat16
     assert (config.bf16, config.params_dtype, config.pipeline_dtype) == (bf16, params_dtype, params_dtype)
     assert isinstance(model.module, Float16Module) == bf16

@@ -144,9 +144,10 @@ def test_bad_inputs_fail_clearly(single_process):
         MTPGPTModel(config, spec, VOCAB, 2, mtp, get_mtp_block_spec(spec, mtp))
     with pytest.raises(ValueError, match="mtp_block_spec is required"):
         MTPGPTModel(config, spec, VOCAB, SEQ, mtp)
-    interleaved = transformer_config(mtp, num_layers=4, pp=2, virtual_pipeline_model_parallel_size=2)
-    with pytest.raises(NotImplementedError, match="virtual pipeline stages"):
-        MTPGPTModel(interleaved, spec, VOCAB, SEQ, mtp, get_mtp_block_spec(spec, mtp))
+    standalone = transformer_config(mtp, num_layers=3, pp=2, pipeline_model_parallel_layout="Et|t|tmm|L")
+    with pytest.raises(NotImplementedError, match=r"\(--pipeline-model-parallel-layout\): the MTP layers \('m'\) are on "
+                       r"pipeline rank 0, virtual stage 1, without the loss \('L'\)"):
+        MTPGPTModel(standalone, spec, VOCAB, SEQ, mtp, get_mtp_block_spec(spec, mtp))
     parallel = MTPConfig(num_layers=2, mode="parallel")
     with pytest.raises(ValueError, match="TransformerConfig.mtp_num_layers is 2 but .* needs None"):
         MTPGPTModel(config, spec, VOCAB, SEQ, parallel, get_mtp_block_spec(spec, parallel))
