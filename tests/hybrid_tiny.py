@@ -1,7 +1,10 @@
 """Tiny hybrid models (attention, MLP and MoE layers by pattern) with our MTP, or with Megatron-Core's own
 ``HybridModel`` MTP (the reference), built alike on each pipeline stage. Megatron-Core 0.19+ only."""
 
-from typing import Optional
+import re
+from typing import Dict
+
+import torch
 
 from megatron.core import parallel_state
 from megatron.core.models.hybrid.hybrid_model import HybridModel
@@ -72,3 +75,24 @@ def build_megatron_core_hybrid_model(config: TransformerConfig, pattern: str = P
         module=MultiTokenPredictionBlock, submodules=MultiTokenPredictionBlockSubmodules(layer_specs=[depth])
     )
     return HybridModel(config, spec, VOCAB, SEQ, hybrid_layer_pattern=pattern, **_stage_args(tied))
+
+
+_GPT_LAYER = re.compile(r"^(decoder|mtp\.layers\.\d+\.mtp_model_layer)\.(layers\.(\d+)\.)?(\w+)\.(.*)$")
+_MLP_PARTS = ("pre_mlp_layernorm", "mlp")
+
+
+def hybrid_state_from_gpt(gpt_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A GPT model's weights under the names of the hybrid model with the same layers: each GPT transformer
+    layer ``i`` is hybrid attention layer ``2i`` followed by MLP layer ``2i + 1`` (``"*-"``), in the decoder and
+    in each MTP depth (``GPTModel``'s single MTP layer is the hybrid depth's layer 0 and 1)."""
+    hybrid = {}
+    for name, value in gpt_state.items():
+        if name == "decoder.final_layernorm.weight":
+            name = "decoder.final_norm.weight"
+        match = _GPT_LAYER.match(name)
+        if match and not name.startswith("decoder.final"):
+            block, _, index, part, rest = match.groups()
+            index = 2 * int(index or 0) + (part in _MLP_PARTS)
+            name = f"{block}.layers.{index}.{part}.{rest}"
+        hybrid[name] = value
+    return hybrid

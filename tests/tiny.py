@@ -23,7 +23,7 @@ from megatron_mtp import cpu_bridge
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.layers import get_mtp_block_spec
 from megatron_mtp.loss import MTPStats
-from megatron_mtp.model import MTPGPTModel
+from megatron_mtp.model import MTPGPTModel, MTPModelMixin
 
 VOCAB = 96
 SEQ = 16
@@ -194,8 +194,8 @@ def make_batches(num_microbatches: int, seed: int = 0, fully_masked_microbatch: 
 def train_step(model, config, batches: List[dict], stats: Optional[MTPStats] = None, mtp_step=None):
     """One Megatron forward/backward over the micro-batches (1F1B under PP). Returns per-micro-batch LM loss.
 
-    ``model`` (DDP-wrapped) is ours or Megatron-Core's ``GPTModel``; ``stats`` and ``mtp_step`` are for ours."""
-    mtp_kwargs = dict(mtp_stats=stats, mtp_step=mtp_step) if isinstance(unwrap_model(model), MTPGPTModel) else {}
+    ``model`` (DDP-wrapped) is ours (GPT or hybrid) or Megatron-Core's; ``stats`` and ``mtp_step`` are for ours."""
+    mtp_kwargs = dict(mtp_stats=stats, mtp_step=mtp_step) if isinstance(unwrap_model(model), MTPModelMixin) else {}
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
