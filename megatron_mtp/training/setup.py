@@ -166,8 +166,8 @@ def build_model(args: argparse.Namespace, runtime: Runtime, config: TransformerC
 
 
 def build_core_model(args: argparse.Namespace, runtime: Runtime, config: TransformerConfig, vocab_size: int):
-    """This rank's bare model stage (``MTPGPTModel``, TransformerEngine modules on GPU when installed), on its
-    device: what training wraps, and what generation runs."""
+    """This rank's bare model stage (``MTPGPTModel``; ``MTPHybridModel`` with --hybrid-layer-pattern;
+    TransformerEngine modules on GPU when installed), on its device: what training wraps, and what generation runs."""
     use_te = runtime.device == "cuda" and _have_transformer_engine()
     if config.num_moe_experts and config.add_bias_linear and not use_te:
         raise ValueError(
@@ -178,6 +178,8 @@ def build_core_model(args: argparse.Namespace, runtime: Runtime, config: Transfo
         )
     if getattr(args, "hf_config", None):
         model = deepseek_training.build_model(args, config, use_te)
+    elif getattr(args, "hybrid_layer_pattern", None):
+        model = _build_hybrid_model(args, config, vocab_size, use_te)
     else:
         model = _build_gpt_model(args, config, vocab_size, use_te)
     if runtime.device == "cuda":
@@ -197,6 +199,32 @@ def _build_gpt_model(args: argparse.Namespace, config: TransformerConfig, vocab_
         vocab_size,
         args.max_position_embeddings,
         mtp_config=args.mtp_config,
+        mtp_block_spec=mtp_spec,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+    )
+
+
+def _build_hybrid_model(args: argparse.Namespace, config: TransformerConfig, vocab_size: int, use_te: bool):
+    """``MTPHybridModel`` from --hybrid-layer-pattern (megatron-core 0.19+; the flag is refused before)."""
+    from megatron_mtp.hybrid import MTPHybridModel, get_hybrid_mtp_block_spec, get_hybrid_stack_spec
+
+    pattern = args.hybrid_layer_pattern
+    stack_spec = get_hybrid_stack_spec(config, pattern, use_transformer_engine=use_te)
+    mtp_spec = get_hybrid_mtp_block_spec(stack_spec, pattern, args.mtp_config, use_transformer_engine=use_te)
+    if not use_te:
+        stack_spec = cpu_bridge.with_sequence_parallel_norms(stack_spec)
+        mtp_spec = cpu_bridge.with_sequence_parallel_norms(mtp_spec)
+    return MTPHybridModel(
+        config,
+        stack_spec,
+        vocab_size,
+        args.max_position_embeddings,
+        pattern,
+        args.mtp_config,
         mtp_block_spec=mtp_spec,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),

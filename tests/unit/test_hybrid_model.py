@@ -130,3 +130,30 @@ def test_refusals(single_process):
         build_hybrid_model(hybrid_config(mtp, pattern="*-*-/*-/*-"), mtp, pattern="*-*-/*-/*-")
     with pytest.raises(ValueError, match=r"num_layers is 3 but hybrid layer pattern '\*-\*-/\*-' has 4"):
         build_hybrid_model(transformer_config(mtp, num_layers=3), mtp, pattern="*-*-/*-")
+
+
+PRETRAIN_FLAGS = ["--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "2",
+                  "--train-iters", "10", "--lr", "1e-3", "--tokenizer-type", "ByteLevel"]
+
+
+def test_pretrain_flag_hybrid_layer_pattern(capsys):
+    """Megatron-LM's --hybrid-layer-pattern: refused without HybridModel; else it sets --num-layers and
+    --mtp-num-layers, and a different value given for either is an error."""
+    from megatron_mtp.training.arguments import parse_args
+
+    if not HAS_HYBRID_MODEL:
+        with pytest.raises(SystemExit):
+            parse_args([*PRETRAIN_FLAGS, "--hybrid-layer-pattern", "*-*-/*-"])
+        assert "--hybrid-layer-pattern needs Megatron-Core's HybridModel (megatron-core 0.19+)" in capsys.readouterr().err
+        return
+    args = parse_args([*PRETRAIN_FLAGS, "--hybrid-layer-pattern", "*-*E/*-/*-", "--mtp-mode", "parallel"])
+    assert (args.num_layers, args.mtp_num_layers, args.mtp_config.num_layers, args.mtp_config.mode) == (4, 2, 2, "parallel")
+    for flags, message in (
+        (["--num-layers", "2"], "--num-layers 2 disagrees with --hybrid-layer-pattern '*-*-/*-', which gives 4"),
+        (["--mtp-num-layers", "2"], "--mtp-num-layers 2 disagrees with --hybrid-layer-pattern '*-*-/*-', which gives 1"),
+        (["--pipeline-model-parallel-size", "3"], "has 2 '|'-separated pipeline stages but --pipeline-model-parallel-size is 3"),
+    ):
+        pattern = "*-|*-/*-" if "--pipeline-model-parallel-size" in flags else "*-*-/*-"
+        with pytest.raises(SystemExit):
+            parse_args([*PRETRAIN_FLAGS, "--hybrid-layer-pattern", pattern, *flags])
+        assert message in capsys.readouterr().err
