@@ -138,8 +138,10 @@ PRETRAIN_FLAGS = ["--hidden-size", "64", "--num-attention-heads", "4", "--seq-le
 
 def test_pretrain_flag_hybrid_layer_pattern(capsys):
     """Megatron-LM's --hybrid-layer-pattern: refused without HybridModel; else it sets --num-layers and
-    --mtp-num-layers, and a different value given for either is an error."""
+    --mtp-num-layers (a different value given for either is an error) and goes into the checkpoint signature
+    (without its pipeline stages), so a GPT run refuses a hybrid checkpoint."""
     from megatron_mtp.training.arguments import parse_args
+    from megatron_mtp.training.checkpointing import model_signature
 
     if not HAS_HYBRID_MODEL:
         with pytest.raises(SystemExit):
@@ -148,6 +150,10 @@ def test_pretrain_flag_hybrid_layer_pattern(capsys):
         return
     args = parse_args([*PRETRAIN_FLAGS, "--hybrid-layer-pattern", "*-*E/*-/*-", "--mtp-mode", "parallel"])
     assert (args.num_layers, args.mtp_num_layers, args.mtp_config.num_layers, args.mtp_config.mode) == (4, 2, 2, "parallel")
+    assert model_signature(args, 320)["hybrid_layer_pattern"] == "*-*E/*-/*-"
+    staged = parse_args([*PRETRAIN_FLAGS, "--hybrid-layer-pattern", "*-|*E/*-/*-", "--pipeline-model-parallel-size", "2"])
+    assert model_signature(staged, 320)["hybrid_layer_pattern"] == "*-*E/*-/*-"
+    assert model_signature(parse_args([*PRETRAIN_FLAGS, "--num-layers", "2"]), 320)["hybrid_layer_pattern"] is None
     for flags, message in (
         (["--num-layers", "2"], "--num-layers 2 disagrees with --hybrid-layer-pattern '*-*-/*-', which gives 4"),
         (["--mtp-num-layers", "2"], "--mtp-num-layers 2 disagrees with --hybrid-layer-pattern '*-*-/*-', which gives 1"),
