@@ -88,17 +88,8 @@ def build_mtp_gpt_model(
         max_sequence_length=args.max_position_embeddings,
         mtp_config=mtp_config,
         mtp_block_spec=mtp_block_spec,
-        pre_process=pre_process,
-        post_process=post_process,
-        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
-        parallel_output=True,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base,
         rope_scaling=args.use_rope_scaling,
-        vp_stage=vp_stage,
-        pg_collection=pg_collection,
+        **_language_model_args(args, pre_process, post_process, vp_stage, pg_collection),
     )
 
 
@@ -130,6 +121,14 @@ def build_mtp_hybrid_model(
         hybrid_layer_pattern=pattern,
         mtp_config=mtp_config,
         mtp_block_spec=get_hybrid_mtp_block_spec(stack_spec, pattern, mtp_config, use_transformer_engine=use_te),
+        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+        **_language_model_args(args, pre_process, post_process, vp_stage, pg_collection),
+    )
+
+
+def _language_model_args(args: argparse.Namespace, pre_process, post_process, vp_stage, pg_collection) -> dict:
+    """The arguments ``GPTModel`` and ``HybridModel`` take alike, as Megatron-LM's builders set them."""
+    return dict(
         pre_process=pre_process,
         post_process=post_process,
         fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
@@ -138,7 +137,6 @@ def build_mtp_hybrid_model(
         position_embedding_type=args.position_embedding_type,
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
-        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )

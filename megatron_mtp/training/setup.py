@@ -200,11 +200,7 @@ def _build_gpt_model(args: argparse.Namespace, config: TransformerConfig, vocab_
         args.max_position_embeddings,
         mtp_config=args.mtp_config,
         mtp_block_spec=mtp_spec,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_base=args.rotary_base,
+        **_stage_and_embedding_args(args),
     )
 
 
@@ -226,6 +222,13 @@ def _build_hybrid_model(args: argparse.Namespace, config: TransformerConfig, voc
         pattern,
         args.mtp_config,
         mtp_block_spec=mtp_spec,
+        **_stage_and_embedding_args(args),
+    )
+
+
+def _stage_and_embedding_args(args: argparse.Namespace) -> dict:
+    """The model arguments every model class takes alike from the flags: this rank's stage, tied weights, positions."""
+    return dict(
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
