@@ -29,8 +29,9 @@ PATTERN = "*-E*-E/*E/*E"
 
 
 def hybrid_config(mtp: MTPConfig, pattern: str = PATTERN, **settings) -> TransformerConfig:
-    """``tiny.transformer_config`` with as many layers as ``pattern``'s decoder part."""
-    return transformer_config(mtp, num_layers=get_hybrid_total_layer_count(pattern), **settings)
+    """``tiny.transformer_config`` with as many layers as ``pattern``'s decoder part, marked hybrid as Megatron-LM
+    marks it."""
+    return transformer_config(mtp, num_layers=get_hybrid_total_layer_count(pattern), is_hybrid_model=True, **settings)
 
 
 def _stack_spec(config: TransformerConfig, pattern: str) -> ModuleSpec:

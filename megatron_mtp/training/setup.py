@@ -140,6 +140,8 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
         init_method_std=args.init_method_std,
         mtp_num_layers=args.mtp_config.megatron_mtp_num_layers,
         mtp_loss_scaling_factor=args.mtp_config.loss_scaling_factor,
+        # Megatron-LM's flag for --hybrid-layer-pattern: output-layer init scaled by 1/sqrt(layers), not 2 x layers.
+        is_hybrid_model=bool(args.hybrid_layer_pattern),
         **moe,
         **run_settings,
     )
