@@ -12,4 +12,6 @@ from megatron_mtp.hybrid.specs import (  # noqa: E402
     get_hybrid_stack_spec,
 )
 
-__all__ = ["HybridMTPStack", "MTPHybridModel", "check_pattern_runs_here", "get_hybrid_mtp_block_spec", "get_hybrid_stack_spec"]
+__all__ = [
+    "HybridMTPStack", "MTPHybridModel", "check_pattern_runs_here", "get_hybrid_mtp_block_spec", "get_hybrid_stack_spec",
+]

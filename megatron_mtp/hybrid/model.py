@@ -13,7 +13,6 @@ import contextlib
 import functools
 from typing import Literal, Optional
 
-import torch
 from torch import Tensor
 
 from megatron.core.models.hybrid.hybrid_model import HybridModel
@@ -134,7 +133,8 @@ class MTPHybridModel(MTPModelMixin, HybridModel):
             with self._decoder_inputs_read() as decoder_inputs, self._decoder_output_only():
                 hidden_states = super().forward(**hybrid_args)
             plain_output = functools.partial(self._plain_output, hidden_states, labels, runtime_gather_output)
-            return self._postprocess_with_mtp(hidden_states, plain_output, labels=labels, **{**hybrid_args, **decoder_inputs})
+            kwargs = {**hybrid_args, **decoder_inputs, "labels": labels}
+            return self._postprocess_with_mtp(hidden_states, plain_output, **kwargs)
         finally:
             self._mtp_call = None
 

@@ -54,7 +54,9 @@ def get_hybrid_stack_spec(config: TransformerConfig, pattern: str, use_transform
             f"{', '.join(repr(s) for s in LOCAL_LAYER_SYMBOLS)} layers, not {', '.join(repr(s) for s in unsupported)}"
         )
     if Symbols.MOE in pattern and not config.num_moe_experts:
-        raise ValueError(f"hybrid layer pattern {pattern!r} has MoE layers ('E'): set the number of experts (--num-experts)")
+        raise ValueError(
+            f"hybrid layer pattern {pattern!r} has MoE layers ('E'): set the number of experts (--num-experts)"
+        )
     local = dict(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
     dense = get_gpt_layer_local_submodules(**local)
     moe = get_gpt_layer_local_submodules(num_experts=config.num_moe_experts, moe_grouped_gemm=False, **local)

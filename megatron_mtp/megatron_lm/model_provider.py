@@ -109,7 +109,9 @@ def build_mtp_hybrid_model(
 
     _refuse_unsupported_decoder_flags(args)
     pattern = args.hybrid_layer_pattern
-    print_rank_0(f"building hybrid model {pattern!r} with megatron_mtp MTP ({mtp_config.mode}, D={mtp_config.num_layers}) ...")
+    print_rank_0(
+        f"building hybrid model {pattern!r} with megatron_mtp MTP ({mtp_config.mode}, D={mtp_config.num_layers}) ..."
+    )
     config = mtp_model_config(args, config)
     use_te = args.transformer_impl == "transformer_engine"
     stack_spec = import_module(args.spec) if args.spec is not None else get_hybrid_stack_spec(config, pattern, use_te)

@@ -229,7 +229,8 @@ def _build_hybrid_model(args: argparse.Namespace, config: TransformerConfig, voc
 
 
 def _stage_and_embedding_args(args: argparse.Namespace) -> dict:
-    """The model arguments every model class takes alike from the flags: this rank's stage, tied weights, positions."""
+    """The model arguments every model class takes alike from the flags: this rank's stage, tied weights,
+    positions."""
     return dict(
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),

@@ -15,7 +15,8 @@ from mp_world import run_world
 from tiny import global_names, grad_of, load_full_state, make_batches, max_grad_diffs, train_step, wrap_ddp
 
 pytestmark = pytest.mark.skipif(
-    not HAS_HYBRID_MODEL, reason="Megatron-Core has HybridModel from 0.19 (megatron.core.models.hybrid); the 0.19 suite runs this"
+    not HAS_HYBRID_MODEL,
+    reason="Megatron-Core has HybridModel from 0.19 (megatron.core.models.hybrid); the 0.19 suite runs this",
 )
 if HAS_HYBRID_MODEL:
     from hybrid_tiny import build_hybrid_model, hybrid_config

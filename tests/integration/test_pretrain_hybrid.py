@@ -11,7 +11,8 @@ from megatron_mtp.compat import HAS_HYBRID_MODEL
 from test_pretrain import read_log, run, tiny_data  # noqa: F401 (tiny_data: a fixture)
 
 pytestmark = pytest.mark.skipif(
-    not HAS_HYBRID_MODEL, reason="Megatron-Core has HybridModel from 0.19 (megatron.core.models.hybrid); the 0.19 suite runs this"
+    not HAS_HYBRID_MODEL,
+    reason="Megatron-Core has HybridModel from 0.19 (megatron.core.models.hybrid); the 0.19 suite runs this",
 )
 KEYS = ("lm_loss", "mtp_1_loss", "mtp_2_loss", "grad_norm")
 HYBRID = ["--hybrid-layer-pattern", "*-*-/*-/*-", "--num-layers", "4", "--train-iters", "3"]

@@ -10,7 +10,8 @@ from megatron_lm_files import logged_iterations, patched_pretrain_gpt, run_pretr
 from megatron_mtp.compat import HAS_HYBRID_MODEL
 
 pytestmark = pytest.mark.skipif(
-    not HAS_HYBRID_MODEL, reason="Megatron-Core has HybridModel from 0.19 (megatron.core.models.hybrid); the 0.19 suite runs this"
+    not HAS_HYBRID_MODEL,
+    reason="Megatron-Core has HybridModel from 0.19 (megatron.core.models.hybrid); the 0.19 suite runs this",
 )
 MTP = ["--mtp-num-layers", "2", "--mtp-mode", "sequential", "--train-iters", "3"]
 

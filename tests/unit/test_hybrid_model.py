@@ -12,16 +12,22 @@
 import pytest
 import torch
 
-from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-from megatron_mtp.compat import HAS_HYBRID_MODEL, megatron_core_mtp_logged_losses, moe_aux_loss_values, reset_moe_aux_loss_log
+from megatron_mtp.compat import (
+    HAS_HYBRID_MODEL,
+    megatron_core_mtp_logged_losses,
+    moe_aux_loss_values,
+    reset_moe_aux_loss_log,
+)
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.loss import MTPStats
 from tiny import build_model, grad_of, make_batches, train_step, transformer_config, wrap_ddp
 
 needs_hybrid_model = pytest.mark.skipif(
-    not HAS_HYBRID_MODEL, reason="Megatron-Core has HybridModel from 0.19 (megatron.core.models.hybrid); the 0.19 suite runs this"
+    not HAS_HYBRID_MODEL,
+    reason="Megatron-Core has HybridModel from 0.19 (megatron.core.models.hybrid); the 0.19 suite runs this",
 )
 if HAS_HYBRID_MODEL:
     from hybrid_tiny import build_hybrid_model, build_megatron_core_hybrid_model, hybrid_config, hybrid_state_from_gpt
@@ -132,8 +138,8 @@ def test_refusals(single_process):
         build_hybrid_model(transformer_config(mtp, num_layers=3), mtp, pattern="*-*-/*-")
 
 
-PRETRAIN_FLAGS = ["--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "2",
-                  "--train-iters", "10", "--lr", "1e-3", "--tokenizer-type", "ByteLevel"]
+PRETRAIN_FLAGS = ["--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16",
+                  "--micro-batch-size", "2", "--train-iters", "10", "--lr", "1e-3", "--tokenizer-type", "ByteLevel"]
 
 
 def test_pretrain_flag_hybrid_layer_pattern(capsys):
@@ -149,17 +155,19 @@ def test_pretrain_flag_hybrid_layer_pattern(capsys):
         assert "--hybrid-layer-pattern needs Megatron-Core's HybridModel (megatron-core 0.19+)" in capsys.readouterr().err
         return
     args = parse_args([*PRETRAIN_FLAGS, "--hybrid-layer-pattern", "*-*E/*-/*-", "--mtp-mode", "parallel"])
-    assert (args.num_layers, args.mtp_num_layers, args.mtp_config.num_layers, args.mtp_config.mode) == (4, 2, 2, "parallel")
+    assert (args.num_layers, args.mtp_num_layers) == (4, 2)
+    assert (args.mtp_config.num_layers, args.mtp_config.mode) == (2, "parallel")
     assert model_signature(args, 320)["hybrid_layer_pattern"] == "*-*E/*-/*-"
-    staged = parse_args([*PRETRAIN_FLAGS, "--hybrid-layer-pattern", "*-|*E/*-/*-", "--pipeline-model-parallel-size", "2"])
-    assert model_signature(staged, 320)["hybrid_layer_pattern"] == "*-*E/*-/*-"
+    staged = ["--hybrid-layer-pattern", "*-|*E/*-/*-", "--pipeline-model-parallel-size", "2"]
+    assert model_signature(parse_args([*PRETRAIN_FLAGS, *staged]), 320)["hybrid_layer_pattern"] == "*-*E/*-/*-"
     assert model_signature(parse_args([*PRETRAIN_FLAGS, "--num-layers", "2"]), 320)["hybrid_layer_pattern"] is None
-    for flags, message in (
-        (["--num-layers", "2"], "--num-layers 2 disagrees with --hybrid-layer-pattern '*-*-/*-', which gives 4"),
-        (["--mtp-num-layers", "2"], "--mtp-num-layers 2 disagrees with --hybrid-layer-pattern '*-*-/*-', which gives 1"),
-        (["--pipeline-model-parallel-size", "3"], "has 2 '|'-separated pipeline stages but --pipeline-model-parallel-size is 3"),
+    disagreeing = "disagrees with --hybrid-layer-pattern '*-*-/*-', which gives"
+    for pattern, flags, message in (
+        ("*-*-/*-", ["--num-layers", "2"], f"--num-layers 2 {disagreeing} 4"),
+        ("*-*-/*-", ["--mtp-num-layers", "2"], f"--mtp-num-layers 2 {disagreeing} 1"),
+        ("*-|*-/*-", ["--pipeline-model-parallel-size", "3"], "2 '|'-separated pipeline stages but "
+         "--pipeline-model-parallel-size is 3"),
     ):
-        pattern = "*-|*-/*-" if "--pipeline-model-parallel-size" in flags else "*-*-/*-"
         with pytest.raises(SystemExit):
             parse_args([*PRETRAIN_FLAGS, "--hybrid-layer-pattern", pattern, *flags])
         assert message in capsys.readouterr().err
