@@ -123,8 +123,10 @@ class MTPLayerModule(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        if MTP_INNER_LAYER != CHECKPOINT_INNER_LAYER:
-            apply_prefix_mapping(state, {f"{prefix}{MTP_INNER_LAYER}.": f"{prefix}{CHECKPOINT_INNER_LAYER}."})
+        # An inner layer may name itself otherwise (a hybrid stack: Megatron-Core's hybrid MTP keeps its attribute).
+        checkpoint_name = getattr(self.inner_layer, "mtp_checkpoint_name", CHECKPOINT_INNER_LAYER)
+        if MTP_INNER_LAYER != checkpoint_name:
+            apply_prefix_mapping(state, {f"{prefix}{MTP_INNER_LAYER}.": f"{prefix}{checkpoint_name}."})
         return state
 
 

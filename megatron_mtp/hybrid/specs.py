@@ -106,11 +106,15 @@ class HybridMTPStack(HybridStack):
     numbered 1..n within the depth, marked as MTP layers, no final norm (the depth has its own). Called as the
     depth calls a ``TransformerLayer``.
 
+    Checkpoints (torch_dist) name it ``mtp_model_layer``, as Megatron-Core's hybrid MTP does.
+
     Args:
         layer_type_list: the symbols of the pattern's MTP part.
         layer_number, is_mtp_layer: what an MTP depth passes to its inner layer; a hybrid MTP depth numbers its
             layers itself and marks them all as MTP layers.
     """
+
+    mtp_checkpoint_name = "mtp_model_layer"
 
     def __init__(
         self,

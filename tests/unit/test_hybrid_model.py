@@ -1,8 +1,8 @@
 """MTP on Megatron-Core's ``HybridModel`` (0.19+; the 0.19 suite runs these), one process, fp32:
 
-- sequential MTP gives the losses, per-depth losses, MoE aux-loss log and gradients of ``HybridModel``'s own MTP
-  for the same weights, MoE layers with aux losses in the decoder and the MTP depths. As against ``GPTModel``'s
-  MTP (``tests/distributed/test_megatron_reference.py``), only row 0 of the word-embedding gradient differs: the
+- sequential MTP has the parameter and checkpoint names of ``HybridModel``'s own MTP and gives its losses,
+  per-depth losses, MoE aux-loss log and gradients for the same weights, MoE layers with aux losses in the decoder
+  and the MTP depths. As against ``GPTModel``'s MTP (``tests/distributed/test_megatron_reference.py``), only row 0 of the word-embedding gradient differs: the
   positions past the sequence end read token 0's embedding and ours sends no aux-loss gradient there;
 - a hybrid model of attention + MLP layers (``"*-*-/*-/*-"``) is the GPT model with the same layers, in both MTP
   modes: the same losses, MTP metrics and gradients (weights renamed across);
@@ -56,6 +56,11 @@ def _train_step(model, stats=None):
     )
 
 
+def _checkpoint_keys(model) -> dict:
+    """Each entry of ``model``'s sharded state dict and the key it has in a torch_dist checkpoint."""
+    return {name: getattr(entry, "key", None) for name, entry in model.sharded_state_dict().items()}
+
+
 @needs_hybrid_model
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_sequential_mode_matches_hybrid_model_mtp(single_process, tied):
@@ -63,6 +68,7 @@ def test_sequential_mode_matches_hybrid_model_mtp(single_process, tied):
     reference = build_megatron_core_hybrid_model(hybrid_config(mtp, **MOE), tied=tied)
     ours = build_hybrid_model(hybrid_config(mtp, **MOE), mtp, tied=tied)
     ours.load_state_dict(reference.state_dict(), strict=True)
+    assert _checkpoint_keys(ours) == _checkpoint_keys(reference)  # torch_dist checkpoints move between the two
 
     expected = _train_step(reference)
     # Megatron-Core logs each micro-batch's mean loss per depth; every micro-batch masks the same positions.
