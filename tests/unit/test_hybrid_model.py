@@ -2,8 +2,9 @@
 
 - sequential MTP has the parameter and checkpoint names of ``HybridModel``'s own MTP and gives its losses,
   per-depth losses, MoE aux-loss log and gradients for the same weights, MoE layers with aux losses in the decoder
-  and the MTP depths. As against ``GPTModel``'s MTP (``tests/distributed/test_megatron_reference.py``), only row 0 of the word-embedding gradient differs: the
-  positions past the sequence end read token 0's embedding and ours sends no aux-loss gradient there;
+  and the MTP depths. As against ``GPTModel``'s MTP (``tests/distributed/test_megatron_reference.py``), only row 0
+  of the word-embedding gradient differs: the positions past the sequence end read token 0's embedding and ours
+  sends no aux-loss gradient there;
 - a hybrid model of attention + MLP layers (``"*-*-/*-/*-"``) is the GPT model with the same layers, in both MTP
   modes: the same losses, MTP metrics and gradients (weights renamed across);
 - parallel heads train; Mamba layers, and patterns that do not fit the MTP or layer settings, are refused.
