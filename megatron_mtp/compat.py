@@ -26,10 +26,13 @@ No other module looks at Megatron-Core's version. What differs:
   takes both;
 - where a static inference context keeps ``materialize_only_last_token_logits``: on the context in 0.16, in its
   ``InferenceConfig`` (``context.config``) in 0.19;
+- ``HybridModel`` (``megatron.core.models.hybrid``, layers chosen by ``hybrid_layer_pattern``): in 0.19, not in
+  0.16; ``megatron_mtp.hybrid`` builds on it and asks :func:`require_hybrid_model` first;
 - the extra keyword arguments ``GPTModel`` passes to ``_postprocess`` (``padding_mask`` and output processors in
   0.18+): the model takes them by keyword and hands them on unchanged, so nothing here needs to know.
 """
 
+import importlib.util
 import os
 from typing import Dict, List, Optional, Union
 
@@ -74,6 +77,18 @@ MTP_INNER_LAYER = "mtp_model_layer" if MEGATRON_CORE_VERSION >= Version("0.17.0"
 CHECKPOINT_INNER_LAYER = "transformer_layer"
 """Name of an MTP layer's transformer layer in torch_dist checkpoints, in every release."""
 
+HAS_HYBRID_MODEL = importlib.util.find_spec("megatron.core.models.hybrid") is not None
+"""Megatron-Core has ``HybridModel`` (0.19; not 0.16): ``megatron_mtp.hybrid`` and ``--hybrid-layer-pattern``."""
+
+
+def require_hybrid_model(what: str) -> None:
+    """Raise a clear error naming ``what`` when this Megatron-Core has no ``HybridModel``."""
+    if not HAS_HYBRID_MODEL:
+        raise RuntimeError(
+            f"{what} needs Megatron-Core's HybridModel (megatron.core.models.hybrid, megatron-core 0.19+); "
+            f"the installed megatron-core is {_megatron_core_version}"
+        )
+
 
 def _mtp_transformer_layer_args(config: TransformerConfig, depth: int, vp_stage: Optional[int]) -> dict:
     """Keyword arguments numbering the transformer layer of MTP depth (or parallel head) ``depth`` (1-based).
@@ -108,8 +123,10 @@ class MTPLayerModule(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        if MTP_INNER_LAYER != CHECKPOINT_INNER_LAYER:
-            apply_prefix_mapping(state, {f"{prefix}{MTP_INNER_LAYER}.": f"{prefix}{CHECKPOINT_INNER_LAYER}."})
+        # An inner layer may name itself otherwise (a hybrid stack: Megatron-Core's hybrid MTP keeps its attribute).
+        checkpoint_name = getattr(self.inner_layer, "mtp_checkpoint_name", CHECKPOINT_INNER_LAYER)
+        if MTP_INNER_LAYER != checkpoint_name:
+            apply_prefix_mapping(state, {f"{prefix}{MTP_INNER_LAYER}.": f"{prefix}{checkpoint_name}."})
         return state
 
 

@@ -16,6 +16,8 @@ tracker, streams and ``torch.cuda.synchronize()``. Rather than patching each cal
 * hands that path TransformerEngine's one cached dummy weight gradient per shape, as on a TE host, instead of
   a fresh weight-sized ``torch.empty`` per call that GPU runs never allocate (memory measured here stays true);
 * gives the alltoall MoE dispatcher numpy split sizes and events it can synchronize on;
+* builds ``HybridStack``'s final norm (TransformerEngine's ``TENorm`` there in every spec) as a
+  :class:`SequenceParallelNorm` where Megatron-Core has ``HybridModel``;
 * offers :class:`SequenceParallelNorm` and :func:`with_sequence_parallel_norms` because Megatron's
   torch norm refuses sequence parallelism (TE or apex provide that norm on GPU).
 
@@ -35,6 +37,8 @@ from megatron.core.tensor_parallel import layers as mcore_layers
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.transformer.moe import moe_utils, token_dispatcher
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+from megatron_mtp import compat
 
 _state = threading.local()
 _CPU = torch.device("cpu")
@@ -153,6 +157,10 @@ def enable() -> None:
         token_dispatcher.maybe_move_tensor_to_cpu = _host_tensor
         _install_wgrad_kernel()
         _install_dummy_wgrad()
+        if compat.HAS_HYBRID_MODEL:
+            from megatron.core.models.hybrid import hybrid_block
+
+            hybrid_block.TENorm = SequenceParallelNorm  # its only use there: the stack's final norm
         _enabled = True
     if not getattr(_state, "mode", None):
         _state.mode = _CudaToCpu()

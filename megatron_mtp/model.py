@@ -15,7 +15,8 @@ logits [b, s, V] only; MTP runs in training, and in eval when ``compute_mtp=True
 """
 
 import contextlib
-from typing import Literal, NamedTuple, Optional
+import functools
+from typing import Callable, Literal, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -45,47 +46,29 @@ class _MTPCall(NamedTuple):
     decoder_input_given: bool = False  # the caller's own decoder input, not the embedding of input_ids
 
 
-class MTPGPTModel(GPTModel):
-    """``GPTModel`` plus an MTP block built from ``mtp_block_spec`` (see ``layers.get_mtp_block_spec``).
+class MTPModelMixin:
+    """The MTP part of a Megatron-Core language model (``GPTModel``, ``HybridModel``): built by ``_init_mtp``
+    after the host's ``__init__``, run by ``_postprocess_with_mtp`` on the last stage's decoder output.
 
-    Args beyond ``GPTModel``'s:
-        mtp_config: the MTP settings; ``config.mtp_num_layers`` must equal ``mtp_config.megatron_mtp_num_layers``.
-        mtp_block_spec: required when ``mtp_config.enabled``.
+    The host is a ``LanguageModule`` with ``embedding`` (first stage), ``output_layer`` and
+    ``compute_language_model_loss``; it sets ``_mtp_call`` around each forward.
     """
 
-    def __init__(
+    def _init_mtp(
         self,
         config: TransformerConfig,
-        transformer_layer_spec: ModuleSpec,
+        mtp_config: MTPConfig,
+        mtp_block_spec: Optional[ModuleSpec],
         vocab_size: int,
         max_sequence_length: int,
-        mtp_config: MTPConfig,
-        mtp_block_spec: Optional[ModuleSpec] = None,
-        pre_process: bool = True,
-        post_process: bool = True,
-        share_embeddings_and_output_weights: bool = False,
-        position_embedding_type: Literal["learned_absolute", "rope", "yarn", "none"] = "learned_absolute",
-        scatter_embedding_sequence_parallel: bool = True,
-        pg_collection: Optional[ProcessGroupCollection] = None,
-        vp_stage: Optional[int] = None,
-        **gpt_kwargs,
-    ):
-        _check_configs(config, mtp_config, mtp_block_spec, max_sequence_length, position_embedding_type, gpt_kwargs)
-        self._embedding_setup_deferred = True
-        super().__init__(
-            config=config,
-            transformer_layer_spec=transformer_layer_spec,
-            vocab_size=vocab_size,
-            max_sequence_length=max_sequence_length,
-            pre_process=pre_process,
-            post_process=post_process,
-            share_embeddings_and_output_weights=share_embeddings_and_output_weights,
-            position_embedding_type=position_embedding_type,
-            scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
-            pg_collection=pg_collection,
-            vp_stage=vp_stage,
-            **gpt_kwargs,
-        )
+        position_embedding_type: str,
+        scatter_embedding_sequence_parallel: bool,
+        share_embeddings_and_output_weights: bool,
+        vp_stage: Optional[int],
+    ) -> None:
+        """Build the MTP block (and the last stage's word-embedding copy) once the host model is built; the host
+        sets ``_embedding_setup_deferred = True`` before its own ``__init__``, which this ends."""
+        pre_process, post_process = self.pre_process, self.post_process
         self.mtp_config = mtp_config
         self._mtp_call: Optional[_MTPCall] = None
         has_mtp = post_process and mtp_config.enabled
@@ -101,7 +84,7 @@ class MTPGPTModel(GPTModel):
                 tp_group=self.pg_collection.tp,
             )
             if share_embeddings_and_output_weights:
-                # The output layer reads the embedding copy above; GPTModel allocated a weight it never uses.
+                # The output layer reads the embedding copy above; the host allocated a weight it never uses.
                 self.output_layer.weight = None
         if has_mtp and mtp_config.semantic_anchoring_weight and not (
             hasattr(self, "embedding") or share_embeddings_and_output_weights
@@ -128,53 +111,13 @@ class MTPGPTModel(GPTModel):
         if not getattr(self, "_embedding_setup_deferred", False):
             super().setup_embeddings_and_output_layer()
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        position_ids: Tensor,
-        attention_mask: Optional[Tensor],
-        decoder_input: Optional[Tensor] = None,
-        labels: Optional[Tensor] = None,
-        inference_context=None,
-        packed_seq_params=None,
-        extra_block_kwargs: Optional[dict] = None,
-        runtime_gather_output: Optional[bool] = None,
-        *,
-        mtp_stats: Optional[MTPStats] = None,
-        mtp_step: Optional[int] = None,
-        compute_mtp: Optional[bool] = None,
-        **gpt_forward_kwargs,
-    ) -> Tensor:
-        """``GPTModel.forward``; MTP runs in its ``_postprocess`` step (below).
+    def _postprocess_with_mtp(self, hidden_states: Tensor, plain_output: Callable[[], Tensor], **kwargs) -> Tensor:
+        """On the last stage: MTP loss on the decoder output h_0 [s, b, h], then the next-token loss, chunked
+        (``_chunks_main_loss``) or ``plain_output()``, the host's own output layer and loss (or logits).
 
-        Args (beyond ``GPTModel.forward``'s, which include ``loss_mask`` and ``padding_mask``):
-            input_ids, position_ids, labels, loss_mask: [b, s]; the last stage needs them all for MTP.
-            mtp_stats: receives this micro-batch's per-depth counts (also computes acceptance metrics).
-            mtp_step: training step, selects lambda when ``mtp_config.loss_scaling_schedule`` is set.
-            compute_mtp: run MTP (default: in training mode, when labels are given).
-        Returns:
-            labels given: per-token next-token loss [b, s]; else logits [b, s, V] (V/tp unless gathered).
+        kwargs: labels, loss_mask, input_ids, position_ids, attention_mask, decoder_input, rotary embeddings,
+        packed_seq_params, inference_context (those the host has; ``GPTModel._postprocess``'s names).
         """
-        self._mtp_call = _MTPCall(mtp_stats, mtp_step, compute_mtp, decoder_input is not None)
-        try:
-            return super().forward(
-                input_ids, position_ids, attention_mask, decoder_input, labels, inference_context,
-                packed_seq_params, extra_block_kwargs, runtime_gather_output, **gpt_forward_kwargs,
-            )
-        finally:
-            self._mtp_call = None
-
-    def _postprocess(self, hidden_states: Tensor, **kwargs) -> Tensor:
-        """MTP loss on the decoder output h_0 [s, b, h], then the next-token loss: chunked (``_chunks_main_loss``),
-        or ``GPTModel``'s own output layer and loss.
-
-        ``kwargs`` are whatever this release's ``GPTModel.forward`` passes; they go on to ``GPTModel._postprocess``
-        unchanged (inference contexts, last-token logits, output processors keep working), except that
-        Megatron-Core's own MTP is kept out of it.
-        """
-        kwargs["mtp_in_postprocess"] = False
-        if not self.post_process:  # an earlier pipeline stage: GPTModel hands the hidden states on
-            return super()._postprocess(hidden_states=hidden_states, **kwargs)
         call = self._mtp_call or _MTPCall()
         labels, loss_mask = kwargs.get("labels"), kwargs.get("loss_mask")
         run_mtp = (
@@ -185,8 +128,8 @@ class MTPGPTModel(GPTModel):
         if run_mtp:
             if loss_mask is None:
                 raise ValueError(
-                    "MTPGPTModel.forward got labels without loss_mask: MTP needs loss_mask ([b, s], 0 on padding and "
-                    "on tokens that must not be predicted) to know which rolled targets are real"
+                    f"{type(self).__name__}.forward got labels without loss_mask: MTP needs loss_mask ([b, s], 0 on "
+                    "padding and on tokens that must not be predicted) to know which rolled targets are real"
                 )
             # Before the main logits exist, so the MTP loss's transient buffers do not add to theirs.
             mtp_result = self._mtp_loss(hidden_states, call, **kwargs)
@@ -197,8 +140,7 @@ class MTPGPTModel(GPTModel):
             )
         else:
             with _main_predictions_recorded(self.output_layer, enabled=want_main_predictions) as main:
-                with _without_megatron_mtp(self.config):
-                    output = super()._postprocess(hidden_states=hidden_states, **kwargs)
+                output = plain_output()
             main_predictions = main.predictions
         if not run_mtp:
             return output
@@ -319,6 +261,116 @@ class MTPGPTModel(GPTModel):
             )
         if self.training and mtp_step is None and self.mtp_config.loss_scaling_schedule:
             raise ValueError("mtp_config.loss_scaling_schedule is set: pass mtp_step=<training step> to forward")
+
+
+
+class MTPGPTModel(MTPModelMixin, GPTModel):
+    """``GPTModel`` plus an MTP block built from ``mtp_block_spec`` (see ``layers.get_mtp_block_spec``).
+
+    Args beyond ``GPTModel``'s:
+        mtp_config: the MTP settings; ``config.mtp_num_layers`` must equal ``mtp_config.megatron_mtp_num_layers``.
+        mtp_block_spec: required when ``mtp_config.enabled``.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        transformer_layer_spec: ModuleSpec,
+        vocab_size: int,
+        max_sequence_length: int,
+        mtp_config: MTPConfig,
+        mtp_block_spec: Optional[ModuleSpec] = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        share_embeddings_and_output_weights: bool = False,
+        position_embedding_type: Literal["learned_absolute", "rope", "yarn", "none"] = "learned_absolute",
+        scatter_embedding_sequence_parallel: bool = True,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        vp_stage: Optional[int] = None,
+        **gpt_kwargs,
+    ):
+        _check_configs(config, mtp_config, mtp_block_spec, max_sequence_length, position_embedding_type, gpt_kwargs)
+        self._embedding_setup_deferred = True
+        super().__init__(
+            config=config,
+            transformer_layer_spec=transformer_layer_spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+            position_embedding_type=position_embedding_type,
+            scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+            **gpt_kwargs,
+        )
+        self._init_mtp(
+            config,
+            mtp_config,
+            mtp_block_spec,
+            vocab_size,
+            max_sequence_length,
+            position_embedding_type,
+            scatter_embedding_sequence_parallel,
+            share_embeddings_and_output_weights,
+            vp_stage,
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        attention_mask: Optional[Tensor],
+        decoder_input: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        inference_context=None,
+        packed_seq_params=None,
+        extra_block_kwargs: Optional[dict] = None,
+        runtime_gather_output: Optional[bool] = None,
+        *,
+        mtp_stats: Optional[MTPStats] = None,
+        mtp_step: Optional[int] = None,
+        compute_mtp: Optional[bool] = None,
+        **gpt_forward_kwargs,
+    ) -> Tensor:
+        """``GPTModel.forward``; MTP runs in its ``_postprocess`` step (below).
+
+        Args (beyond ``GPTModel.forward``'s, which include ``loss_mask`` and ``padding_mask``):
+            input_ids, position_ids, labels, loss_mask: [b, s]; the last stage needs them all for MTP.
+            mtp_stats: receives this micro-batch's per-depth counts (also computes acceptance metrics).
+            mtp_step: training step, selects lambda when ``mtp_config.loss_scaling_schedule`` is set.
+            compute_mtp: run MTP (default: in training mode, when labels are given).
+        Returns:
+            labels given: per-token next-token loss [b, s]; else logits [b, s, V] (V/tp unless gathered).
+        """
+        self._mtp_call = _MTPCall(mtp_stats, mtp_step, compute_mtp, decoder_input is not None)
+        try:
+            return super().forward(
+                input_ids, position_ids, attention_mask, decoder_input, labels, inference_context,
+                packed_seq_params, extra_block_kwargs, runtime_gather_output, **gpt_forward_kwargs,
+            )
+        finally:
+            self._mtp_call = None
+
+    def _postprocess(self, hidden_states: Tensor, **kwargs) -> Tensor:
+        """MTP loss on the decoder output h_0 [s, b, h], then the next-token loss: chunked (``_chunks_main_loss``),
+        or ``GPTModel``'s own output layer and loss.
+
+        ``kwargs`` are whatever this release's ``GPTModel.forward`` passes; they go on to ``GPTModel._postprocess``
+        unchanged (inference contexts, last-token logits, output processors keep working), except that
+        Megatron-Core's own MTP is kept out of it.
+        """
+        kwargs["mtp_in_postprocess"] = False
+        if not self.post_process:  # an earlier pipeline stage: GPTModel hands the hidden states on
+            return super()._postprocess(hidden_states=hidden_states, **kwargs)
+        plain_output = functools.partial(self._plain_postprocess, hidden_states, kwargs)
+        return self._postprocess_with_mtp(hidden_states, plain_output, **kwargs)
+
+    def _plain_postprocess(self, hidden_states: Tensor, kwargs: dict) -> Tensor:
+        """``GPTModel._postprocess``: the output layer and the next-token loss (or the logits)."""
+        with _without_megatron_mtp(self.config):
+            return super()._postprocess(hidden_states=hidden_states, **kwargs)
 
 
 def _check_configs(config, mtp_config, mtp_block_spec, max_sequence_length, position_embedding_type, gpt_kwargs):

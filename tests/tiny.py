@@ -27,7 +27,7 @@ from megatron_mtp import cpu_bridge
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.layers import get_mtp_block_spec
 from megatron_mtp.loss import MTPStats
-from megatron_mtp.model import MTPGPTModel
+from megatron_mtp.model import MTPGPTModel, MTPModelMixin
 
 VOCAB = 96
 SEQ = 16
@@ -224,10 +224,10 @@ def train_step(model, config, batches: List[dict], stats: Optional[MTPStats] = N
     """One Megatron forward/backward over the micro-batches (1F1B under PP, interleaved with virtual stages).
     Returns per-micro-batch LM loss.
 
-    ``model`` (DDP-wrapped, or a list of DDP-wrapped chunks) is ours or Megatron-Core's ``GPTModel``; ``stats``
+    ``model`` (DDP-wrapped, or a list of DDP-wrapped chunks) is ours (GPT or hybrid) or Megatron-Core's; ``stats``
     and ``mtp_step`` are for ours."""
     chunks = model if isinstance(model, list) else [model]
-    mtp_kwargs = dict(mtp_stats=stats, mtp_step=mtp_step) if isinstance(unwrap_model(chunks[0]), MTPGPTModel) else {}
+    mtp_kwargs = dict(mtp_stats=stats, mtp_step=mtp_step) if isinstance(unwrap_model(chunks[0]), MTPModelMixin) else {}
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)

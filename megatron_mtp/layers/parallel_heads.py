@@ -81,6 +81,9 @@ def _untrack_aux_losses(layer, config: TransformerConfig) -> None:
     Megatron-Core sizes that log ``num_layers + mtp_num_layers``, and ``mtp_num_layers`` stays unset for parallel
     heads (it would make Megatron-Core keep a word-embedding copy they never use), so a head has no slot in it.
     """
-    router = getattr(getattr(layer, "mlp", None), "router", None)
-    if router is not None and config.mtp_num_layers is None:
-        untrack_moe_router(router)
+    if config.mtp_num_layers is not None:
+        return
+    for module in layer.modules():  # one layer, or each layer of a hybrid stack
+        router = getattr(getattr(module, "mlp", None), "router", None)
+        if router is not None:
+            untrack_moe_router(router)

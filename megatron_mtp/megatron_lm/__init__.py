@@ -4,7 +4,8 @@ A Megatron-LM checkout applies ``patches/<release>/pretrain_gpt.patch`` (top of 
 
 - :func:`mtp_extra_args_provider`: our ``--mtp-*`` flags beside Megatron-LM's ``--mtp-num-layers`` and
   ``--mtp-loss-scaling-factor``;
-- :func:`with_mtp`: wraps ``gpt_builder``; with ``--mtp-num-layers`` it builds :class:`MTPGPTModel` instead;
+- :func:`with_mtp`: wraps ``gpt_builder``; with ``--mtp-num-layers`` it builds :class:`MTPGPTModel` instead
+  (``MTPHybridModel`` with Megatron-LM 0.19's ``--hybrid-layer-pattern``);
 - :func:`mtp_forward_step`: wraps ``forward_step``; passes the MTP step and gathers per-depth metrics into the
   report dict Megatron-LM reduces and logs (stdout and TensorBoard);
 - :func:`mtp_get_embedding_ranks`: the pipeline ranks holding the word embedding (parallel heads need none).

@@ -1,4 +1,5 @@
-"""Build :class:`MTPGPTModel` where Megatron-LM's ``gpt_builder`` builds ``GPTModel``."""
+"""Build :class:`MTPGPTModel` where Megatron-LM's ``gpt_builder`` builds ``GPTModel`` (``MTPHybridModel`` when
+Megatron-LM's ``--hybrid-layer-pattern`` asks for a hybrid model, megatron-core 0.19+)."""
 
 import argparse
 import copy
@@ -36,6 +37,8 @@ def with_mtp(gpt_builder: GPTBuilder) -> GPTBuilder:
         mtp_config = mtp_config_from_megatron_args(args)
         if not mtp_config.enabled:
             return gpt_builder(args, pre_process, post_process, vp_stage, config=config, pg_collection=pg_collection)
+        if getattr(args, "hybrid_layer_pattern", None):
+            return build_mtp_hybrid_model(args, mtp_config, pre_process, post_process, vp_stage, config, pg_collection)
         return build_mtp_gpt_model(args, mtp_config, pre_process, post_process, vp_stage, config, pg_collection)
 
     return builder
@@ -67,9 +70,7 @@ def build_mtp_gpt_model(
     The decoder spec is Megatron-Core's per-layer block spec (dense or MoE, local or TransformerEngine, or
     ``--spec``); the MTP layers use the last decoder layer's spec, as Megatron-LM's builder does.
     """
-    for dest, flag in UNSUPPORTED_DECODER_FLAGS.items():
-        if getattr(args, dest, None):
-            raise ValueError(f"{flag} is not supported with megatron_mtp's MTP (--mtp-num-layers) yet")
+    _refuse_unsupported_decoder_flags(args)
     print_rank_0(f"building GPT model with megatron_mtp MTP ({mtp_config.mode}, D={mtp_config.num_layers}) ...")
     config = mtp_model_config(args, config)
     use_te = args.transformer_impl == "transformer_engine"
@@ -87,6 +88,49 @@ def build_mtp_gpt_model(
         max_sequence_length=args.max_position_embeddings,
         mtp_config=mtp_config,
         mtp_block_spec=mtp_block_spec,
+        rope_scaling=args.use_rope_scaling,
+        **_language_model_args(args, pre_process, post_process, vp_stage, pg_collection),
+    )
+
+
+def build_mtp_hybrid_model(
+    args: argparse.Namespace,
+    mtp_config: MTPConfig,
+    pre_process: bool,
+    post_process: bool,
+    vp_stage: Optional[int] = None,
+    config: Optional[TransformerConfig] = None,
+    pg_collection=None,
+):
+    """This pipeline stage of the hybrid model ``args`` describe (``--hybrid-layer-pattern``), with our MTP on the
+    last stage: the pattern's MTP parts give each depth's (or head's) layers. The stack spec is ``--spec``,
+    Megatron-Core's (TransformerEngine), or the local one (``--transformer-impl local``: '*', '-', 'E' layers)."""
+    from megatron_mtp.hybrid import MTPHybridModel, get_hybrid_mtp_block_spec, get_hybrid_stack_spec
+
+    _refuse_unsupported_decoder_flags(args)
+    pattern = args.hybrid_layer_pattern
+    print_rank_0(
+        f"building hybrid model {pattern!r} with megatron_mtp MTP ({mtp_config.mode}, D={mtp_config.num_layers}) ..."
+    )
+    config = mtp_model_config(args, config)
+    use_te = args.transformer_impl == "transformer_engine"
+    stack_spec = import_module(args.spec) if args.spec is not None else get_hybrid_stack_spec(config, pattern, use_te)
+    return MTPHybridModel(
+        config=config,
+        hybrid_stack_spec=stack_spec,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        hybrid_layer_pattern=pattern,
+        mtp_config=mtp_config,
+        mtp_block_spec=get_hybrid_mtp_block_spec(stack_spec, pattern, mtp_config, use_transformer_engine=use_te),
+        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+        **_language_model_args(args, pre_process, post_process, vp_stage, pg_collection),
+    )
+
+
+def _language_model_args(args: argparse.Namespace, pre_process, post_process, vp_stage, pg_collection) -> dict:
+    """The arguments ``GPTModel`` and ``HybridModel`` take alike, as Megatron-LM's builders set them."""
+    return dict(
         pre_process=pre_process,
         post_process=post_process,
         fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
@@ -95,7 +139,12 @@ def build_mtp_gpt_model(
         position_embedding_type=args.position_embedding_type,
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
-        rope_scaling=args.use_rope_scaling,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )
+
+
+def _refuse_unsupported_decoder_flags(args: argparse.Namespace) -> None:
+    for dest, flag in UNSUPPORTED_DECODER_FLAGS.items():
+        if getattr(args, dest, None):
+            raise ValueError(f"{flag} is not supported with megatron_mtp's MTP (--mtp-num-layers) yet")

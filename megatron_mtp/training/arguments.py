@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(giving one with another value is an error); MLA, YaRN, MoE with expert bias, MTP depths.",
     )
     model.add_argument("--num-layers", type=int, default=None, help="Decoder layers (required).")
+    model.add_argument(
+        "--hybrid-layer-pattern", type=str, default=None,
+        help="Build Megatron-Core's HybridModel (megatron-core 0.19+), one layer per symbol: * attention, - MLP, "
+        "E MoE (M Mamba on GPU); | between pipeline stages; each /-separated part after the first is one MTP "
+        "depth's (or head's) layers, e.g. '*-*E/*-/*-'. Sets --num-layers and --mtp-num-layers.",
+    )
     model.add_argument("--hidden-size", type=int, default=None, help="Required.")
     model.add_argument(
         "--ffn-hidden-size", type=int, default=None,
@@ -216,9 +222,49 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         from megatron_mtp.deepseek.training import apply_hf_config
 
         apply_hf_config(parser, args, argv)
+    _apply_hybrid_layer_pattern(parser, args)
     args.mtp_config = mtp_config_from_args(args, parser)
     _check(parser, args)
     return args
+
+
+def _apply_hybrid_layer_pattern(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--hybrid-layer-pattern sets --num-layers (its decoder layers) and --mtp-num-layers (its MTP parts), as
+    Megatron-LM does; another value given for either is an error here (Megatron-LM warns and takes the pattern's)."""
+    pattern = args.hybrid_layer_pattern
+    if pattern is None:
+        return
+    from megatron_mtp import compat
+
+    if not compat.HAS_HYBRID_MODEL:
+        parser.error(
+            f"--hybrid-layer-pattern needs Megatron-Core's HybridModel (megatron-core 0.19+); the installed "
+            f"megatron-core is {compat.MEGATRON_CORE_VERSION}"
+        )
+    if args.hf_config:
+        parser.error("--hybrid-layer-pattern and --hf-config describe different models: give one")
+    from megatron.core.models.hybrid.hybrid_layer_allocation import (
+        get_hybrid_total_layer_count,
+        get_hybrid_total_pipeline_segment_count,
+        parse_hybrid_pattern,
+    )
+
+    try:
+        layers, depths = get_hybrid_total_layer_count(pattern), parse_hybrid_pattern(pattern).mtp_num_depths
+    except ValueError as error:
+        parser.error(f"--hybrid-layer-pattern {pattern!r}: {error}")
+    for flag, dest, value in (("--num-layers", "num_layers", layers), ("--mtp-num-layers", "mtp_num_layers", depths)):
+        given = getattr(args, dest)
+        if given is not None and given != value:
+            parser.error(f"{flag} {given} disagrees with --hybrid-layer-pattern {pattern!r}, which gives {value}")
+        setattr(args, dest, value)
+    stages = get_hybrid_total_pipeline_segment_count(pattern)
+    if stages > 1 and stages != args.pipeline_model_parallel_size:
+        parser.error(
+            f"--hybrid-layer-pattern {pattern!r} has {stages} '|'-separated pipeline stages but "
+            f"--pipeline-model-parallel-size is {args.pipeline_model_parallel_size} (virtual pipeline stages are not "
+            "supported)"
+        )
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -240,8 +286,10 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.hidden_size % args.num_attention_heads:
         parser.error(f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads {args.num_attention_heads}")
     args.virtual_pipeline_model_parallel_size = _virtual_pipeline_size(parser, args)
-    if args.pipeline_model_parallel_layout is None:  # a layout places the layers itself
-        virtual = args.virtual_pipeline_model_parallel_size
+    virtual = args.virtual_pipeline_model_parallel_size
+    if virtual and args.hybrid_layer_pattern:
+        parser.error("--hybrid-layer-pattern does not support virtual pipeline stages yet")
+    if args.pipeline_model_parallel_layout is None and "|" not in (args.hybrid_layer_pattern or ""):
         if args.num_layers % (args.pipeline_model_parallel_size * (virtual or 1)):
             parser.error(
                 f"--num-layers {args.num_layers} must be divisible by --pipeline-model-parallel-size "

@@ -117,6 +117,7 @@ def model_signature(args, vocab_size: int) -> Dict[str, Any]:
         num_experts=args.num_experts,
         mtp_num_layers=args.mtp_num_layers or 0,
         mtp_mode=args.mtp_mode,
+        hybrid_layer_pattern=(args.hybrid_layer_pattern or "").replace("|", "") or None,  # stages may change
     )
 
 

@@ -149,6 +149,8 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
         # As Megatron-LM sets it, so a --pipeline-model-parallel-layout holds one 'm' per MTP depth or head ...
         mtp_num_layers=args.mtp_config.num_layers or None,
         mtp_loss_scaling_factor=args.mtp_config.loss_scaling_factor,
+        # Megatron-LM's flag for --hybrid-layer-pattern: output-layer init scaled by 1/sqrt(layers), not 2 x layers.
+        is_hybrid_model=bool(args.hybrid_layer_pattern),
         **moe,
         **run_settings,
     )
@@ -193,9 +195,9 @@ def build_core_model(
     vocab_size: int,
     vp_stage: Optional[int] = None,
 ):
-    """This rank's bare model stage (``MTPGPTModel``; virtual stage ``vp_stage`` with virtual pipeline stages;
-    TransformerEngine modules on GPU when installed), on its device: what training wraps, and what generation
-    runs."""
+    """This rank's bare model stage (``MTPGPTModel``; ``MTPHybridModel`` with --hybrid-layer-pattern; virtual
+    stage ``vp_stage`` with virtual pipeline stages; TransformerEngine modules on GPU when installed), on its device:
+    what training wraps, and what generation runs."""
     use_te = runtime.device == "cuda" and _have_transformer_engine()
     if config.num_moe_experts and config.add_bias_linear and not use_te:
         raise ValueError(
@@ -206,6 +208,8 @@ def build_core_model(
         )
     if getattr(args, "hf_config", None):
         model = deepseek_training.build_model(args, config, use_te, vp_stage)
+    elif getattr(args, "hybrid_layer_pattern", None):
+        model = _build_hybrid_model(args, config, vocab_size, use_te)
     else:
         model = _build_gpt_model(args, config, vocab_size, use_te, vp_stage)
     if runtime.device == "cuda":
@@ -232,6 +236,37 @@ def _build_gpt_model(
         args.max_position_embeddings,
         mtp_config=args.mtp_config,
         mtp_block_spec=mtp_spec,
+        **_stage_and_embedding_args(args, vp_stage),
+    )
+
+
+def _build_hybrid_model(args: argparse.Namespace, config: TransformerConfig, vocab_size: int, use_te: bool):
+    """``MTPHybridModel`` from --hybrid-layer-pattern (megatron-core 0.19+; the flag is refused before, and
+    with virtual pipeline stages)."""
+    from megatron_mtp.hybrid import MTPHybridModel, get_hybrid_mtp_block_spec, get_hybrid_stack_spec
+
+    pattern = args.hybrid_layer_pattern
+    stack_spec = get_hybrid_stack_spec(config, pattern, use_transformer_engine=use_te)
+    mtp_spec = get_hybrid_mtp_block_spec(stack_spec, pattern, args.mtp_config, use_transformer_engine=use_te)
+    if not use_te:
+        stack_spec = cpu_bridge.with_sequence_parallel_norms(stack_spec)
+        mtp_spec = cpu_bridge.with_sequence_parallel_norms(mtp_spec)
+    return MTPHybridModel(
+        config,
+        stack_spec,
+        vocab_size,
+        args.max_position_embeddings,
+        pattern,
+        args.mtp_config,
+        mtp_block_spec=mtp_spec,
+        **_stage_and_embedding_args(args, vp_stage=None),
+    )
+
+
+def _stage_and_embedding_args(args: argparse.Namespace, vp_stage: Optional[int]) -> dict:
+    """The model arguments every model class takes alike from the flags: this rank's (virtual) stage, tied
+    weights, positions."""
+    return dict(
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
