@@ -49,13 +49,13 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel import layers as mcore_layers
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
 
 from megatron_mtp.loss.metrics import vocab_slice_start
+from megatron_mtp.main_grad import weight_grad_in_main_grad
 from megatron_mtp.loss.mtp_loss import DepthLoss, OutputHead
 
 
@@ -231,7 +231,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             if ctx.main_grad is None:
                 return grad_x, grad_weight.to(weight.dtype), *_NONES
             ctx.main_grad.add_(grad_weight)
-            return grad_x, _weight_grad_in_main_grad(ctx, weight, grad_x.dtype), *_NONES
+            return grad_x, weight_grad_in_main_grad(weight, grad_x.dtype, ctx.weight_grad_stand_in), *_NONES
         x, weight, labels, mask = ctx.saved_tensors
         grad_x = torch.empty_like(x)
         if ctx.main_grad is None:
@@ -246,25 +246,11 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             _backpropagate_chunk(chunk.grad_logits(scale), x, weight, rows, grad_x, add_weight_grad)
         if ctx.main_grad is None:
             return grad_x, grad_weight.to(weight.dtype), *_NONES
-        return grad_x, _weight_grad_in_main_grad(ctx, weight, x.dtype), *_NONES
+        return grad_x, weight_grad_in_main_grad(weight, x.dtype, ctx.weight_grad_stand_in), *_NONES
 
 
 # No gradient for labels, mask, tp_group, chunk_size, grad_in_forward, want_stats, into_main_grad, stand-in.
 _NONES = (None,) * 8
-
-
-def _weight_grad_in_main_grad(ctx, weight: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """The weight gradient is in ``main_grad``: mark it, and return Megatron's dummy or None (module docstring)."""
-    if hasattr(weight, "grad_added_to_main_grad"):
-        weight.grad_added_to_main_grad = True
-    if not ctx.weight_grad_stand_in:
-        return None
-    # What Megatron's fused linear returns: TE's cached buffer (no new memory) where Megatron-Core uses it, else a
-    # new tensor, zero where DDP's hook adds param.grad into main_grad (zero_out_wgrad); freed by that hook.
-    zero = getattr(weight, "zero_out_wgrad", False)
-    if mcore_layers.HAVE_TE:
-        return mcore_layers.get_dummy_wgrad(list(weight.shape), dtype, zero=zero)
-    return (torch.zeros if zero else torch.empty)(weight.shape, dtype=dtype, device=weight.device)
 
 
 def _writes_main_grad(output_layer, weight) -> bool:

@@ -6,7 +6,9 @@ Fusion on equals fusion off, every parameter's ``main_grad`` after a step, both 
 weights, the chunked and the plain loss (one process; PP=2: tests/distributed/test_main_grad_parallel.py). The fused
 kernel is the CPU bridge's stand-in. The chunked loss keeps no output-weight-sized buffer when it writes into
 ``main_grad``, and its automatic choice between keeping gradients from forward and recomputing the logits in
-backward follows the rule in ``loss/chunked.py``."""
+backward follows the rule in ``loss/chunked.py``. The word-embedding lookup adds its weight gradient into
+``main_grad`` too (``layers/embedding_grad.py``), with the same gradients, also under overlapped gradient reduction
+and the distributed optimizer, and no weight-sized tensor made in a step."""
 
 import pytest
 import torch
@@ -30,15 +32,18 @@ LOSSES = {  # 32 tokens per micro-batch: the main loss is chunked by default wit
 }
 
 
-def _step_main_grads(mtp: MTPConfig, tied: bool, fusion: bool, weights=None, overlap_grad_reduce=False):
+def _step_main_grads(
+    mtp: MTPConfig, tied: bool, fusion: bool, weights=None, overlap_grad_reduce=False, use_distributed_optimizer=False
+):
     """Initial weights and every parameter's main_grad after one Megatron DDP step of 2 micro-batches."""
     config = transformer_config(mtp, gradient_accumulation_fusion=fusion)
     model, weights = build_model_with_weights(config, mtp, tied, weights)
-    model = wrap_ddp(model, config, overlap_grad_reduce=overlap_grad_reduce)
+    model = wrap_ddp(model, config, use_distributed_optimizer, overlap_grad_reduce)
     train_step(model, config, make_batches(2))
     core = model.module
     output_weight = core.shared_embedding_or_output_weight() if tied else core.output_layer.weight
     assert output_weight.grad_added_to_main_grad == fusion
+    assert core.embedding.word_embeddings.weight.grad_added_to_main_grad == fusion
     return weights, {name: param.main_grad.clone() for name, param in global_names(model).items()}
 
 
@@ -64,6 +69,59 @@ def test_fusion_on_gives_the_main_grads_of_fusion_off_with_the_chunked_main_loss
         _, fused = _step_main_grads(mtp, tied, fusion=True, weights=weights, overlap_grad_reduce=overlap_grad_reduce)
         for name, grad in expected.items():
             torch.testing.assert_close(fused[name], grad, atol=1e-5, rtol=0, msg=lambda text: f"{name}: {text}")
+
+
+MODELS = {  # MTPConfig per model: the fused lookup's users differ (tied: the output layer returns the dummy)
+    "no MTP, plain main loss": dict(num_layers=0, main_loss_implementation="plain"),
+    "no MTP, chunked main loss": dict(num_layers=0, main_loss_implementation="chunked"),
+    "sequential": dict(num_layers=2, mode="sequential"),
+    "parallel": dict(num_layers=2, mode="parallel"),
+}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_fused_embedding_lookup_under_overlapped_reduction_and_the_distributed_optimizer(single_process, model, tied):
+    # Overlapped reduction asserts param.grad in DDP's hook: the weight's one user handing back the dummy sets it.
+    mtp = MTPConfig(loss_chunk_size=7, **MODELS[model])
+    weights, expected = _step_main_grads(mtp, tied, fusion=False)
+    _, fused = _step_main_grads(
+        mtp, tied, fusion=True, weights=weights, overlap_grad_reduce=True, use_distributed_optimizer=True
+    )
+    for name, grad in expected.items():
+        torch.testing.assert_close(fused[name], grad, atol=1e-5, rtol=0, msg=lambda text: f"{name}: {text}")
+
+
+class _NewTensorsOfShape(TorchDispatchMode):
+    """Counts the new storages of ``shape`` that ops create while active."""
+
+    def __init__(self, shape: torch.Size):
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors(args) + _tensors(kwargs)}
+        self.count += sum(
+            t.shape == self.shape and t.untyped_storage().data_ptr() not in inputs for t in _tensors(out)
+        )
+        return out
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("fusion", [True, False], ids=["fusion", "no-fusion"])
+def test_fused_step_makes_no_embedding_sized_gradient(single_process, fusion, model, tied):
+    # The lookup's dense weight gradient is what sets the step's peak at large vocabularies (issue 13). With fusion
+    # no tensor of the word embedding's shape is made once Megatron's dummy gradient exists (the first step makes
+    # it): not by the lookup, nor by autograd summing two users' gradients. Without fusion the lookup makes one.
+    mtp = MTPConfig(loss_chunk_size=7, **MODELS[model])
+    config = transformer_config(mtp, gradient_accumulation_fusion=fusion)
+    model = wrap_ddp(build_model_with_weights(config, mtp, tied)[0], config)
+    train_step(model, config, make_batches(1))
+    with _NewTensorsOfShape(model.module.embedding.word_embeddings.weight.shape) as new:
+        train_step(model, config, make_batches(2))
+    assert (new.count == 0) == fusion, new.count
 
 
 class _FusedHead(torch.nn.Module):
