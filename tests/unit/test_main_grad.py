@@ -13,9 +13,12 @@ and the distributed optimizer, and no weight-sized tensor made in a step."""
 import pytest
 import torch
 import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_mtp.config import MTPConfig
+from megatron_mtp.layers.embedding_grad import fuse_embedding_weight_grad
 from megatron_mtp.loss.chunked import chunked_depth_loss, gradients_in_forward
 from megatron_mtp.loss.mtp_loss import OutputHead
 from tiny import build_model_with_weights, global_names, make_batches, train_step, transformer_config, wrap_ddp
@@ -122,6 +125,26 @@ def test_fused_step_makes_no_embedding_sized_gradient(single_process, fusion, mo
     with _NewTensorsOfShape(model.module.embedding.word_embeddings.weight.shape) as new:
         train_step(model, config, make_batches(2))
     assert (new.count == 0) == fusion, new.count
+
+
+@pytest.mark.parametrize("output_layer_reads_weight", [False, True], ids=["only-user", "tied"])
+def test_fused_lookup_adds_bf16_rows_into_fp32_main_grad(single_process, output_layer_reads_weight):
+    # Megatron-LM's bf16 default: bf16 weights and output gradient, fp32 main_grad; repeated ids sum in fp32.
+    config = ModelParallelConfig(use_cpu_initialization=True, params_dtype=torch.bfloat16)
+    embedding = VocabParallelEmbedding(16, 8, init_method=torch.nn.init.normal_, config=config)
+    fuse_embedding_weight_grad(embedding, True, output_layer_reads_weight)
+    weight = embedding.weight
+    weight.main_grad = torch.ones(16, 8)  # what earlier micro-batches left there
+    weight.grad_added_to_main_grad = False
+    ids = torch.tensor([[3, 5, 3, 0], [3, 15, 5, 3]])
+    grad_output = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+    output = embedding(ids)
+    torch.testing.assert_close(output, weight.detach()[ids], atol=0, rtol=0)
+    output.backward(grad_output)
+    expected = torch.ones(16, 8, dtype=torch.float64).index_add_(0, ids.reshape(-1), grad_output.reshape(-1, 8).double())
+    torch.testing.assert_close(weight.main_grad.double(), expected, atol=1e-6, rtol=0)
+    assert weight.grad_added_to_main_grad
+    assert (weight.grad is None) == output_layer_reads_weight  # else Megatron's dummy, for DDP's hook
 
 
 class _FusedHead(torch.nn.Module):
