@@ -206,6 +206,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
                 predictions[rows] = chunk.predictions
             if keep_grads:
                 _backpropagate_chunk(chunk.grad_logits(mask[rows]), x, weight, rows, grad_x, _adder(grad_weight))
+            del chunk  # its [c, V/tp] logits, before the next chunk makes its own
         ctx.tp_group, ctx.chunk_size, ctx.vocab_start = tp_group, chunk_size, vocab_start
         ctx.kept_grads, ctx.consumed, ctx.per_token = keep_grads, False, per_token
         ctx.weight_grad_stand_in = weight_grad_stand_in
@@ -244,6 +245,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             chunk = _ChunkLogits(x[rows], weight, labels[rows], ctx.vocab_start, ctx.tp_group, False)
             scale = grad_loss[rows] if ctx.per_token else mask[rows] * grad_loss
             _backpropagate_chunk(chunk.grad_logits(scale), x, weight, rows, grad_x, add_weight_grad)
+            del chunk
         if ctx.main_grad is None:
             return grad_x, grad_weight.to(weight.dtype), *_NONES
         return grad_x, weight_grad_in_main_grad(weight, x.dtype, ctx.weight_grad_stand_in), *_NONES
