@@ -28,6 +28,8 @@ No other module looks at Megatron-Core's version. What differs:
   ``InferenceConfig`` (``context.config``) in 0.19;
 - ``HybridModel`` (``megatron.core.models.hybrid``, layers chosen by ``hybrid_layer_pattern``): in 0.19, not in
   0.16; ``megatron_mtp.hybrid`` builds on it and asks :func:`require_hybrid_model` first;
+- the word embedding's weight: 0.19 can shard it beyond tensor parallelism and gather it in each forward
+  (``gtp_remat`` groups); the fused lookup of ``layers/embedding_grad.py`` then leaves the lookup to Megatron-Core;
 - the extra keyword arguments ``GPTModel`` passes to ``_postprocess`` (``padding_mask`` and output processors in
   0.18+): the model takes them by keyword and hands them on unchanged, so nothing here needs to know.
 """
@@ -212,3 +214,8 @@ def report_moe_aux_losses(
         get_moe_metrics_tracker().report(**arguments)
     else:
         track_moe_metrics(**arguments)
+
+
+def embedding_weight_gathered_per_forward(embedding: torch.nn.Module) -> bool:
+    """Whether a ``VocabParallelEmbedding`` gathers its weight in each forward (0.19's ``gtp_remat_size`` > 1)."""
+    return getattr(embedding, "gtp_remat_size", 1) > 1

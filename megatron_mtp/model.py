@@ -10,6 +10,8 @@ depths share the output layer (tied to the embedding or not).
 Training (labels given): ``forward`` returns the per-token next-token loss [b, s], exactly as ``GPTModel``
 does, with the MTP term riding along into backward (see ``loss/mtp_loss.py``); by default that loss comes from
 the chunked output layer + cross-entropy of ``loss/chunked.py`` (also without MTP: ``MTPConfig.num_layers=0``).
+Under gradient-accumulation fusion the word-embedding lookup adds its weight gradient straight into Megatron DDP's
+``main_grad`` (``layers/embedding_grad.py``).
 Per-depth losses and acceptance counts go to the ``MTPStats`` passed as ``mtp_stats``. Without labels it returns the main
 logits [b, s, V] only; MTP runs in training, and in eval when ``compute_mtp=True``.
 """
@@ -31,6 +33,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mtp.config import MTPConfig
+from megatron_mtp.layers.embedding_grad import fuse_embedding_weight_grad
 from megatron_mtp.loss.chunked import chunked, chunked_token_loss
 from megatron_mtp.loss.latent import LatentTargets
 from megatron_mtp.loss.metrics import MTPStats, count_main_agreement, vocab_parallel_argmax
@@ -100,6 +103,12 @@ class MTPModelMixin:
         self._embedding_setup_deferred = False
         if self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()
+        if hasattr(self, "embedding"):
+            fuse_embedding_weight_grad(
+                self.embedding.word_embeddings,
+                config.gradient_accumulation_fusion,
+                output_layer_reads_weight=post_process and share_embeddings_and_output_weights,
+            )
         if self.mtp_process and share_embeddings_and_output_weights and not pre_process:
             # The output layer and the MTP embedding lookups share this stage's embedding copy, as the embedding
             # and output layer share one weight at PP=1, where Megatron-Core marks it so. Unmarked, a fused output

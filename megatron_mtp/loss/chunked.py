@@ -49,13 +49,13 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel import layers as mcore_layers
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
 
 from megatron_mtp.loss.metrics import vocab_slice_start
+from megatron_mtp.main_grad import weight_grad_in_main_grad
 from megatron_mtp.loss.mtp_loss import DepthLoss, OutputHead
 
 
@@ -206,6 +206,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
                 predictions[rows] = chunk.predictions
             if keep_grads:
                 _backpropagate_chunk(chunk.grad_logits(mask[rows]), x, weight, rows, grad_x, _adder(grad_weight))
+            del chunk  # its [c, V/tp] logits, before the next chunk makes its own
         ctx.tp_group, ctx.chunk_size, ctx.vocab_start = tp_group, chunk_size, vocab_start
         ctx.kept_grads, ctx.consumed, ctx.per_token = keep_grads, False, per_token
         ctx.weight_grad_stand_in = weight_grad_stand_in
@@ -231,7 +232,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             if ctx.main_grad is None:
                 return grad_x, grad_weight.to(weight.dtype), *_NONES
             ctx.main_grad.add_(grad_weight)
-            return grad_x, _weight_grad_in_main_grad(ctx, weight, grad_x.dtype), *_NONES
+            return grad_x, weight_grad_in_main_grad(weight, grad_x.dtype, ctx.weight_grad_stand_in), *_NONES
         x, weight, labels, mask = ctx.saved_tensors
         grad_x = torch.empty_like(x)
         if ctx.main_grad is None:
@@ -244,27 +245,14 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             chunk = _ChunkLogits(x[rows], weight, labels[rows], ctx.vocab_start, ctx.tp_group, False)
             scale = grad_loss[rows] if ctx.per_token else mask[rows] * grad_loss
             _backpropagate_chunk(chunk.grad_logits(scale), x, weight, rows, grad_x, add_weight_grad)
+            del chunk
         if ctx.main_grad is None:
             return grad_x, grad_weight.to(weight.dtype), *_NONES
-        return grad_x, _weight_grad_in_main_grad(ctx, weight, x.dtype), *_NONES
+        return grad_x, weight_grad_in_main_grad(weight, x.dtype, ctx.weight_grad_stand_in), *_NONES
 
 
 # No gradient for labels, mask, tp_group, chunk_size, grad_in_forward, want_stats, into_main_grad, stand-in.
 _NONES = (None,) * 8
-
-
-def _weight_grad_in_main_grad(ctx, weight: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """The weight gradient is in ``main_grad``: mark it, and return Megatron's dummy or None (module docstring)."""
-    if hasattr(weight, "grad_added_to_main_grad"):
-        weight.grad_added_to_main_grad = True
-    if not ctx.weight_grad_stand_in:
-        return None
-    # What Megatron's fused linear returns: TE's cached buffer (no new memory) where Megatron-Core uses it, else a
-    # new tensor, zero where DDP's hook adds param.grad into main_grad (zero_out_wgrad); freed by that hook.
-    zero = getattr(weight, "zero_out_wgrad", False)
-    if mcore_layers.HAVE_TE:
-        return mcore_layers.get_dummy_wgrad(list(weight.shape), dtype, zero=zero)
-    return (torch.zeros if zero else torch.empty)(weight.shape, dtype=dtype, device=weight.device)
 
 
 def _writes_main_grad(output_layer, weight) -> bool:

@@ -6,14 +6,19 @@ Fusion on equals fusion off, every parameter's ``main_grad`` after a step, both 
 weights, the chunked and the plain loss (one process; PP=2: tests/distributed/test_main_grad_parallel.py). The fused
 kernel is the CPU bridge's stand-in. The chunked loss keeps no output-weight-sized buffer when it writes into
 ``main_grad``, and its automatic choice between keeping gradients from forward and recomputing the logits in
-backward follows the rule in ``loss/chunked.py``."""
+backward follows the rule in ``loss/chunked.py``. The word-embedding lookup adds its weight gradient into
+``main_grad`` too (``layers/embedding_grad.py``), with the same gradients, also under overlapped gradient reduction
+and the distributed optimizer, and no weight-sized tensor made in a step."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_mtp.config import MTPConfig
+from megatron_mtp.layers.embedding_grad import fuse_embedding_weight_grad
 from megatron_mtp.loss.chunked import chunked_depth_loss, gradients_in_forward
 from megatron_mtp.loss.mtp_loss import OutputHead
 from tiny import build_model_with_weights, global_names, make_batches, train_step, transformer_config, wrap_ddp
@@ -30,15 +35,18 @@ LOSSES = {  # 32 tokens per micro-batch: the main loss is chunked by default wit
 }
 
 
-def _step_main_grads(mtp: MTPConfig, tied: bool, fusion: bool, weights=None, overlap_grad_reduce=False):
+def _step_main_grads(
+    mtp: MTPConfig, tied: bool, fusion: bool, weights=None, overlap_grad_reduce=False, use_distributed_optimizer=False
+):
     """Initial weights and every parameter's main_grad after one Megatron DDP step of 2 micro-batches."""
     config = transformer_config(mtp, gradient_accumulation_fusion=fusion)
     model, weights = build_model_with_weights(config, mtp, tied, weights)
-    model = wrap_ddp(model, config, overlap_grad_reduce=overlap_grad_reduce)
+    model = wrap_ddp(model, config, use_distributed_optimizer, overlap_grad_reduce)
     train_step(model, config, make_batches(2))
     core = model.module
     output_weight = core.shared_embedding_or_output_weight() if tied else core.output_layer.weight
     assert output_weight.grad_added_to_main_grad == fusion
+    assert core.embedding.word_embeddings.weight.grad_added_to_main_grad == fusion
     return weights, {name: param.main_grad.clone() for name, param in global_names(model).items()}
 
 
@@ -64,6 +72,79 @@ def test_fusion_on_gives_the_main_grads_of_fusion_off_with_the_chunked_main_loss
         _, fused = _step_main_grads(mtp, tied, fusion=True, weights=weights, overlap_grad_reduce=overlap_grad_reduce)
         for name, grad in expected.items():
             torch.testing.assert_close(fused[name], grad, atol=1e-5, rtol=0, msg=lambda text: f"{name}: {text}")
+
+
+MODELS = {  # MTPConfig per model: the fused lookup's users differ (tied: the output layer returns the dummy)
+    "no MTP, plain main loss": dict(num_layers=0, main_loss_implementation="plain"),
+    "no MTP, chunked main loss": dict(num_layers=0, main_loss_implementation="chunked"),
+    "sequential": dict(num_layers=2, mode="sequential"),
+    "parallel": dict(num_layers=2, mode="parallel"),
+}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_fused_embedding_lookup_under_overlapped_reduction_and_the_distributed_optimizer(single_process, model, tied):
+    # Overlapped reduction asserts param.grad in DDP's hook: the weight's one user handing back the dummy sets it.
+    mtp = MTPConfig(loss_chunk_size=7, **MODELS[model])
+    weights, expected = _step_main_grads(mtp, tied, fusion=False)
+    _, fused = _step_main_grads(
+        mtp, tied, fusion=True, weights=weights, overlap_grad_reduce=True, use_distributed_optimizer=True
+    )
+    for name, grad in expected.items():
+        torch.testing.assert_close(fused[name], grad, atol=1e-5, rtol=0, msg=lambda text: f"{name}: {text}")
+
+
+class _NewTensorsOfShape(TorchDispatchMode):
+    """Counts the new storages of ``shape`` that ops create while active."""
+
+    def __init__(self, shape: torch.Size):
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors(args) + _tensors(kwargs)}
+        self.count += sum(
+            t.shape == self.shape and t.untyped_storage().data_ptr() not in inputs for t in _tensors(out)
+        )
+        return out
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("fusion", [True, False], ids=["fusion", "no-fusion"])
+def test_fused_step_makes_no_embedding_sized_gradient(single_process, fusion, model, tied):
+    # The lookup's dense weight gradient is what sets the step's peak at large vocabularies (issue 13). With fusion
+    # no tensor of the word embedding's shape is made once Megatron's dummy gradient exists (the first step makes
+    # it): not by the lookup, nor by autograd summing two users' gradients. Without fusion the lookup makes one.
+    mtp = MTPConfig(loss_chunk_size=7, **MODELS[model])
+    config = transformer_config(mtp, gradient_accumulation_fusion=fusion)
+    model = wrap_ddp(build_model_with_weights(config, mtp, tied)[0], config)
+    train_step(model, config, make_batches(1))
+    with _NewTensorsOfShape(model.module.embedding.word_embeddings.weight.shape) as new:
+        train_step(model, config, make_batches(2))
+    assert (new.count == 0) == fusion, new.count
+
+
+@pytest.mark.parametrize("output_layer_reads_weight", [False, True], ids=["only-user", "tied"])
+def test_fused_lookup_adds_bf16_rows_into_fp32_main_grad(single_process, output_layer_reads_weight):
+    # Megatron-LM's bf16 default: bf16 weights and output gradient, fp32 main_grad; repeated ids sum in fp32.
+    config = ModelParallelConfig(use_cpu_initialization=True, params_dtype=torch.bfloat16)
+    embedding = VocabParallelEmbedding(16, 8, init_method=torch.nn.init.normal_, config=config)
+    fuse_embedding_weight_grad(embedding, True, output_layer_reads_weight)
+    weight = embedding.weight
+    weight.main_grad = torch.ones(16, 8)  # what earlier micro-batches left there
+    weight.grad_added_to_main_grad = False
+    ids = torch.tensor([[3, 5, 3, 0], [3, 15, 5, 3]])
+    grad_output = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+    output = embedding(ids)
+    torch.testing.assert_close(output, weight.detach()[ids], atol=0, rtol=0)
+    output.backward(grad_output)
+    expected = torch.ones(16, 8, dtype=torch.float64).index_add_(0, ids.reshape(-1), grad_output.reshape(-1, 8).double())
+    torch.testing.assert_close(weight.main_grad.double(), expected, atol=1e-6, rtol=0)
+    assert weight.grad_added_to_main_grad
+    assert (weight.grad is None) == output_layer_reads_weight  # else Megatron's dummy, for DDP's hook
 
 
 class _FusedHead(torch.nn.Module):
