@@ -48,7 +48,9 @@ def architecture_flags(hf: dict) -> dict:
 def checkpoint_signature(hf: dict) -> dict:
     """The model signature a pretrain run with ``--hf-config`` for ``hf`` checks a ``--load`` checkpoint against."""
     flags = architecture_flags(hf)
-    return model_signature(argparse.Namespace(**flags, max_position_embeddings=None), hf["vocab_size"])
+    return model_signature(
+        argparse.Namespace(**flags, max_position_embeddings=None, hybrid_layer_pattern=None), hf["vocab_size"]
+    )
 
 
 def apply_hf_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Optional[List[str]]) -> None:
