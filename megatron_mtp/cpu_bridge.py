@@ -17,7 +17,9 @@ tracker, streams and ``torch.cuda.synchronize()``. Rather than patching each cal
   a fresh weight-sized ``torch.empty`` per call that GPU runs never allocate (memory measured here stays true);
 * gives the alltoall MoE dispatcher numpy split sizes and events it can synchronize on;
 * offers :class:`SequenceParallelNorm` and :func:`with_sequence_parallel_norms` because Megatron's
-  torch norm refuses sequence parallelism (TE or apex provide that norm on GPU).
+  torch norm refuses sequence parallelism (TE or apex provide that norm on GPU);
+* offers :func:`with_packed_attention` because Megatron's local core attention refuses packed (THD)
+  micro-batches (TE or flash-attention take them on GPU).
 
 It is enabled explicitly with :func:`enable` and refuses to run where CUDA is available.
 """
@@ -33,8 +35,11 @@ from torch.overrides import TorchFunctionMode
 
 from megatron.core.tensor_parallel import layers as mcore_layers
 from megatron.core.tensor_parallel import random as mcore_random
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe import moe_utils, token_dispatcher
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+from megatron_mtp.cpu_packed_attention import PackedSDPACoreAttention
 
 _state = threading.local()
 _CPU = torch.device("cpu")
@@ -263,13 +268,23 @@ def with_sequence_parallel_norms(spec):
 
     Works on any spec tree (layer specs, block submodules, the MTP block spec); the input is not modified.
     """
-    if spec is WrappedTorchNorm:
-        return SequenceParallelNorm
+    return _substituted(spec, WrappedTorchNorm, SequenceParallelNorm)
+
+
+def with_packed_attention(spec):
+    """Return ``spec`` with Megatron's local ``DotProductAttention`` replaced by a core attention that also takes
+    ``packed_seq_params`` (see ``cpu_packed_attention``); any spec tree, the input is not modified."""
+    return _substituted(spec, DotProductAttention, PackedSDPACoreAttention)
+
+
+def _substituted(spec, old: type, new: type):
+    """``spec`` with every occurrence of the module class ``old`` replaced by ``new``, rebuilt, not modified."""
+    if spec is old:
+        return new
     if isinstance(spec, (list, tuple)):
-        return type(spec)(with_sequence_parallel_norms(s) for s in spec)
+        return type(spec)(_substituted(s, old, new) for s in spec)
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
         return dataclasses.replace(
-            spec,
-            **{f.name: with_sequence_parallel_norms(getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.init},
+            spec, **{f.name: _substituted(getattr(spec, f.name), old, new) for f in dataclasses.fields(spec) if f.init}
         )
     return spec

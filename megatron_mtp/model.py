@@ -27,6 +27,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mtp.config import MTPConfig
+from megatron_mtp.layers.roll import PackedSequences
 from megatron_mtp.loss.chunked import chunked, chunked_token_loss
 from megatron_mtp.loss.latent import LatentTargets
 from megatron_mtp.loss.metrics import MTPStats, count_main_agreement, vocab_parallel_argmax
@@ -40,6 +41,7 @@ class _MTPCall(NamedTuple):
     step: Optional[int] = None
     compute_mtp: Optional[bool] = None
     decoder_input_given: bool = False  # the caller's own decoder input, not the embedding of input_ids
+    sequences: Optional[PackedSequences] = None  # the documents of a packed (THD) micro-batch
 
 
 class MTPGPTModel(GPTModel):
@@ -152,7 +154,10 @@ class MTPGPTModel(GPTModel):
         Returns:
             labels given: per-token next-token loss [b, s]; else logits [b, s, V] (V/tp unless gathered).
         """
-        self._mtp_call = _MTPCall(mtp_stats, mtp_step, compute_mtp, decoder_input is not None)
+        sequences = None
+        if self.mtp_config.enabled:
+            sequences = _packed_sequences(packed_seq_params, labels if labels is not None else input_ids, self.config)
+        self._mtp_call = _MTPCall(mtp_stats, mtp_step, compute_mtp, decoder_input is not None, sequences)
         try:
             return super().forward(
                 input_ids, position_ids, attention_mask, decoder_input, labels, inference_context,
@@ -200,7 +205,11 @@ class MTPGPTModel(GPTModel):
         if not run_mtp:
             return output
         if call.stats is not None:
-            call.stats.add(count_main_agreement(mtp_result.stats, mtp_result.predictions, main_predictions, loss_mask))
+            call.stats.add(
+                count_main_agreement(
+                    mtp_result.stats, mtp_result.predictions, main_predictions, loss_mask, call.sequences
+                )
+            )
         return inject_mtp_loss(output, mtp_result.term, loss_mask, self.config.calculate_per_token_loss)
 
     def _chunks_main_loss(self, hidden_states: Tensor, kwargs: dict) -> bool:
@@ -241,7 +250,7 @@ class MTPGPTModel(GPTModel):
         """
         labels, loss_mask = kwargs["labels"], kwargs["loss_mask"]
         input_ids, position_ids = kwargs.get("input_ids"), kwargs.get("position_ids")
-        self._check_mtp_inputs(input_ids, labels, loss_mask, kwargs.get("packed_seq_params"), call.step)
+        self._check_mtp_inputs(input_ids, labels, loss_mask, call.step)
         depth_hidden_states = self.mtp(
             hidden_states,
             kwargs.get("attention_mask"),
@@ -249,6 +258,7 @@ class MTPGPTModel(GPTModel):
             rotary_pos_emb=kwargs.get("rotary_pos_emb"),
             rotary_pos_cos=kwargs.get("rotary_pos_cos"),
             rotary_pos_sin=kwargs.get("rotary_pos_sin"),
+            packed_seq_params=kwargs.get("packed_seq_params"),
         )
         config = self.mtp_config
         return mtp_loss(
@@ -262,6 +272,7 @@ class MTPGPTModel(GPTModel):
             depth_loss=self._depth_loss(),
             latent_targets=self._latent_targets(hidden_states) if config.latent_losses else None,
             want_stats=call.stats is not None,
+            sequences=call.sequences,
         )
 
     def _token_embeddings(self, call: _MTPCall, input_ids, position_ids, decoder_input) -> dict:
@@ -301,9 +312,7 @@ class MTPGPTModel(GPTModel):
             sequence_parallel=self.config.sequence_parallel,
         )
 
-    def _check_mtp_inputs(self, input_ids, labels, loss_mask, packed_seq_params, mtp_step) -> None:
-        if packed_seq_params is not None:
-            raise NotImplementedError("MTPGPTModel does not support packed sequences yet")
+    def _check_mtp_inputs(self, input_ids, labels, loss_mask, mtp_step) -> None:
         if self.mtp_process and input_ids is None:
             raise ValueError("sequential MTP needs input_ids on the last pipeline stage")
         if input_ids is not None and labels.shape != input_ids.shape:
@@ -316,6 +325,26 @@ class MTPGPTModel(GPTModel):
             )
         if self.training and mtp_step is None and self.mtp_config.loss_scaling_schedule:
             raise ValueError("mtp_config.loss_scaling_schedule is set: pass mtp_step=<training step> to forward")
+
+
+def _packed_sequences(
+    packed_seq_params, token_ids: Optional[Tensor], config: TransformerConfig
+) -> Optional[PackedSequences]:
+    """The documents of a packed micro-batch (Megatron-Core's THD layout: token_ids [1, t], labels or input ids
+    where this stage has them), or None unpacked."""
+    if packed_seq_params is None:
+        return None
+    if config.context_parallel_size > 1:
+        raise NotImplementedError("MTPGPTModel does not support packed sequences with context parallelism yet")
+    sequences = PackedSequences.from_packed_seq_params(packed_seq_params)
+    if token_ids is None:
+        return sequences
+    if token_ids.shape[0] != 1:
+        raise ValueError(f"packed sequences (THD) need micro-batch size 1, got token ids {tuple(token_ids.shape)}")
+    last_end = int((sequences.starts + sequences.lengths).max()) if sequences.lengths.numel() else 0
+    if last_end > token_ids.shape[-1]:
+        raise ValueError(f"cu_seqlens describe {last_end} positions but the micro-batch has {token_ids.shape[-1]}")
+    return sequences
 
 
 def _check_configs(config, mtp_config, mtp_block_spec, max_sequence_length, position_embedding_type, gpt_kwargs):

@@ -17,7 +17,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 import torch
 
 from megatron_mtp.compat import PER_TOKEN_LOSS_RESCALES_DEPTHS
-from megatron_mtp.layers.roll import roll_left
+from megatron_mtp.layers.roll import PackedSequences, roll_left
 from megatron_mtp.loss.latent import LatentTargets, latent_sums
 from megatron_mtp.loss.metrics import vocab_parallel_argmax
 
@@ -74,6 +74,7 @@ def mtp_loss(
     depth_loss: Callable[..., DepthLoss] = plain_depth_loss,
     latent_targets: Optional[LatentTargets] = None,
     want_stats: bool = False,
+    sequences: Optional[PackedSequences] = None,
 ) -> MTPLossResult:
     """
     Args:
@@ -88,6 +89,7 @@ def mtp_loss(
             afterwards. Without it ``stats`` and ``predictions`` are None, and a depth loss may leave its value
             to backward (the chunked loss does when it recomputes the logits there anyway): ``term`` then reads
             NaN while its gradient is exact. Training only needs the gradient; metrics steps ask for stats.
+        sequences: the documents of a packed (THD, b=1) micro-batch: labels and mask roll within each one.
     """
     loss_mask = loss_mask.float()
     main_tokens = loss_mask.sum().clamp(min=1.0)
@@ -95,8 +97,8 @@ def mtp_loss(
     all_stats: List[torch.Tensor] = []
     all_predictions: List[torch.Tensor] = []
     for depth, (hidden_states, weight) in enumerate(zip(depth_hidden_states, depth_weights), start=1):
-        mask_k = roll_left(loss_mask, depth)
-        labels_k = roll_left(labels, depth)
+        mask_k = roll_left(loss_mask, depth, sequences=sequences)
+        labels_k = roll_left(labels, depth, sequences=sequences)
         result = depth_loss(hidden_states, head, labels_k, mask_k, want_stats)
         tokens = mask_k.sum().clamp(min=1.0)
         if per_token_loss:

@@ -1,0 +1,99 @@
+"""One set of documents as a packed (THD) micro-batch and as separate padded sequences, for equality tests.
+
+Documents of uneven lengths: one shorter than D + 1 = 3 tokens (no depth-2 target), one followed by padding in
+the packed layout (``cu_seqlens_q_padded``). Labels are each document's own next tokens; one label is masked.
+"""
+
+from typing import List, Optional
+
+import torch
+
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from tiny import VOCAB
+
+LENGTHS = [7, 2, 5, 7]
+PADDED_LENGTHS = [7, 2, 8, 7]  # 24 positions: divisible by TP=2 for sequence parallelism
+
+
+def documents(seed: int = 0) -> List[dict]:
+    """Per document: tokens, labels, loss_mask [length]."""
+    generator = torch.Generator().manual_seed(seed)
+    docs = []
+    for index, length in enumerate(LENGTHS):
+        stream = torch.randint(1, VOCAB, (length + 1,), generator=generator)
+        loss_mask = torch.ones(length)
+        if index == 0:
+            loss_mask[3] = 0
+        docs.append(dict(tokens=stream[:-1], labels=stream[1:], loss_mask=loss_mask))
+    return docs
+
+
+def separate_batch(docs: List[dict]) -> dict:
+    """The documents as rows [n, s] padded at the end to the longest; causal mask; positions from 0."""
+    rows, seq = len(docs), max(LENGTHS)
+    batch = dict(
+        tokens=torch.zeros(rows, seq, dtype=torch.long),
+        labels=torch.zeros(rows, seq, dtype=torch.long),
+        loss_mask=torch.zeros(rows, seq),
+        position_ids=torch.arange(seq).expand(rows, seq).contiguous(),
+        attention_mask=torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1),
+        packed_seq_params=None,
+    )
+    for row, doc in enumerate(docs):
+        for key in ("tokens", "labels", "loss_mask"):
+            batch[key][row, : len(doc[key])] = doc[key]
+    return batch
+
+
+def packed_batch(docs: List[dict], padded: bool = True) -> dict:
+    """The documents back to back in one row [1, t]; each followed by its padding when ``padded``."""
+    slots = PADDED_LENGTHS if padded else LENGTHS
+    total = sum(slots)
+    batch = dict(
+        tokens=torch.zeros(1, total, dtype=torch.long),
+        labels=torch.zeros(1, total, dtype=torch.long),
+        loss_mask=torch.zeros(1, total),
+        position_ids=torch.zeros(1, total, dtype=torch.long),
+        attention_mask=None,
+    )
+    start = 0
+    for doc, slot in zip(docs, slots):
+        length = len(doc["tokens"])
+        for key in ("tokens", "labels", "loss_mask"):
+            batch[key][0, start : start + length] = doc[key]
+        batch["position_ids"][0, start : start + length] = torch.arange(length)
+        start += slot
+    batch["packed_seq_params"] = packed_seq_params(LENGTHS, slots if padded else None)
+    return batch
+
+
+def packed_seq_params(lengths: List[int], padded_lengths: Optional[List[int]] = None) -> PackedSeqParams:
+    def cumulative(values):
+        return torch.tensor([0, *values], dtype=torch.int32).cumsum(0).to(torch.int32)
+
+    cu_seqlens = cumulative(lengths)
+    cu_seqlens_padded = None if padded_lengths is None else cumulative(padded_lengths)
+    max_length = max(padded_lengths or lengths)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        cu_seqlens_q_padded=cu_seqlens_padded,
+        cu_seqlens_kv_padded=cu_seqlens_padded,
+        max_seqlen_q=max_length,
+        max_seqlen_kv=max_length,
+    )
+
+
+def forward(model, batch: dict, **mtp_kwargs) -> torch.Tensor:
+    """The per-token LM loss [b, s] of ``model`` on ``batch`` (training mode: with the MTP term attached)."""
+    return model(
+        batch["tokens"],
+        batch["position_ids"],
+        batch["attention_mask"],
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+        packed_seq_params=batch["packed_seq_params"],
+        **mtp_kwargs,
+    )
