@@ -155,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Required. ByteLevel: UTF-8 bytes (ours, no file); HuggingFaceTokenizer: --tokenizer-model.",
     )
     data.add_argument("--tokenizer-model", type=str, default=None, help="tokenizer.json for HuggingFaceTokenizer.")
+    data.add_argument("--reset-position-ids", action="store_true", help="Positions restart after each eod token.")
+    data.add_argument(
+        "--reset-attention-mask", action="store_true",
+        help="Tokens attend only within their document (up to and including its eod): each micro-batch runs as "
+        "packed sequences (THD), and MTP depths neither read nor predict across an eod. Needs --eod-mask-loss "
+        "when MTP is on.",
+    )
+    data.add_argument("--eod-mask-loss", action="store_true", help="No loss on predicting the token after an eod.")
     data.add_argument(
         "--data-cache-path", default=None,
         help=f"Where dataset indices and the embedded corpus are cached; unset: {DEFAULT_DATA_CACHE_PATH}.",
@@ -235,6 +243,11 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--num-experts {args.num_experts} must be divisible by --expert-model-parallel-size")
     if args.mtp_config.num_layers >= args.seq_length:
         parser.error(f"--mtp-num-layers {args.mtp_config.num_layers} must be smaller than --seq-length {args.seq_length}")
+    if args.reset_attention_mask and args.mtp_config.enabled and not args.eod_mask_loss:
+        parser.error(
+            "--reset-attention-mask with MTP needs --eod-mask-loss: the label at each eod is the next document's "
+            "first token, which the MTP depths would otherwise predict across the document boundary"
+        )
     if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
         parser.error("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH/tokenizer.json")
     if args.skip_train and args.eval_iters < 1:

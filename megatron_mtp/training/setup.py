@@ -191,6 +191,9 @@ def _build_gpt_model(args: argparse.Namespace, config: TransformerConfig, vocab_
     if not use_te:
         block_spec = cpu_bridge.with_sequence_parallel_norms(block_spec)
         mtp_spec = cpu_bridge.with_sequence_parallel_norms(mtp_spec)
+        if args.reset_attention_mask:  # packed documents
+            block_spec = cpu_bridge.with_packed_attention(block_spec)
+            mtp_spec = cpu_bridge.with_packed_attention(mtp_spec)
     return MTPGPTModel(
         config,
         block_spec,

@@ -274,3 +274,24 @@ def test_finetune_checks_the_model_signature(tiny_data, tmp_path):
     shape = run(1, ["--train-iters", "3", "--load", str(save), "--finetune", "--hidden-size", "32"], tiny_data, check=False)
     assert shape.returncode != 0 and "records no model signature" in shape.stderr
     assert "Global shape mismatch" in shape.stderr, shape.stderr[-3000:]
+
+
+def test_reset_attention_mask_trains_packed_documents_at_tp2_like_one_process(tiny_data, tmp_path):
+    """--reset-position-ids --reset-attention-mask --eod-mask-loss: each micro-batch runs as packed documents
+    (their boundary is tested in tests/unit/test_packing.py); TP=2 with SP gives one process's metrics."""
+    flags = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss", "--train-iters", "2",
+             "--lr-warmup-iters", "0", "--seq-length", "256"]
+    logs = {}
+    for nproc, parallel in ((1, []), (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"])):
+        logs[nproc] = tmp_path / f"{nproc}.jsonl"
+        run(nproc, [*flags, *parallel, "--json-log", str(logs[nproc])], tiny_data)
+    one, two = read_log(logs[1]), read_log(logs[2])
+    assert sorted(one) == sorted(two) == [1, 2]
+    for iteration in one:
+        for key in ("lm_loss", "mtp_1_loss", "mtp_2_loss", "mtp_2_tokens", "grad_norm"):
+            assert two[iteration][key] == pytest.approx(one[iteration][key], abs=1e-5), (iteration, key)
+
+
+def test_reset_attention_mask_with_mtp_needs_eod_mask_loss(tiny_data, tmp_path):
+    out = run(1, ["--reset-attention-mask", "--train-iters", "1"], tiny_data, check=False)
+    assert out.returncode != 0 and "--reset-attention-mask with MTP needs --eod-mask-loss" in out.stderr
