@@ -10,6 +10,8 @@ import torch
 
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from megatron_mtp.data.packing import document_boundaries
+
 from tiny import VOCAB
 
 LENGTHS = [7, 2, 5, 7]
@@ -84,6 +86,17 @@ def packed_seq_params(lengths: List[int], padded_lengths: Optional[List[int]] = 
         max_seqlen_q=max_length,
         max_seqlen_kv=max_length,
     )
+
+
+def targets_per_depth(tokens: torch.Tensor, loss_mask: torch.Tensor, eod: int, depths: int) -> List[int]:
+    """Per depth k: the positions t of samples [b, s] whose target token t + k + 1 lies in t's document (which ends
+    after its eod) and is not masked (loss_mask[t + k] = 1): the targets MTP may take on packed documents."""
+    documents = document_boundaries(tokens, eod).tolist()
+    mask = loss_mask.flatten()
+    return [
+        sum(int(mask[t + depth]) for start, end in zip(documents, documents[1:]) for t in range(start, end - depth))
+        for depth in range(1, depths + 1)
+    ]
 
 
 def forward(model, batch: dict, **mtp_kwargs) -> torch.Tensor:

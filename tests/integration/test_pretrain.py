@@ -276,22 +276,53 @@ def test_finetune_checks_the_model_signature(tiny_data, tmp_path):
     assert "Global shape mismatch" in shape.stderr, shape.stderr[-3000:]
 
 
-def test_reset_attention_mask_trains_packed_documents_at_tp2_like_one_process(tiny_data, tmp_path):
-    """--reset-position-ids --reset-attention-mask --eod-mask-loss: each micro-batch runs as packed documents
-    (their boundary is tested in tests/unit/test_packing.py); TP=2 with SP gives one process's metrics."""
+@pytest.fixture(scope="module")
+def short_documents(tmp_path_factory):
+    """An indexed dataset of 60 documents of 8 to 70 bytes: every 64-token sample holds eods."""
+    root = tmp_path_factory.mktemp("short_documents")
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(8, 71, (60,), generator=generator).tolist()
+    with open(root / "docs.jsonl", "w") as f:
+        for index, length in enumerate(lengths):
+            f.write(json.dumps({"text": (f"document {index}: " + "abcdefghij" * 8)[:length]}) + "\n")
+    prefix = str(root / "short")
+    subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", str(root / "docs.jsonl"),
+         "--output-prefix", prefix],
+        check=True, capture_output=True,
+    )
+    return dict(prefix=prefix, cache=str(root / "cache"))
+
+
+def test_reset_attention_mask_trains_packed_documents_at_tp2_like_one_process(short_documents, tmp_path):
+    """--reset-position-ids --reset-attention-mask --eod-mask-loss: each micro-batch runs as packed documents, so
+    depth k counts only targets inside their document (recounted here from the same samples); TP=2 with SP
+    gives one process's metrics."""
+    from megatron_mtp.data.datasets import MicroBatchIterator
+    from megatron_mtp.data.tokenizers import build_tokenizer
+    from megatron_mtp.pretrain import build_datasets
+    from megatron_mtp.training.arguments import parse_args
+    from packed_batches import targets_per_depth
+
     flags = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss", "--train-iters", "2",
-             "--lr-warmup-iters", "0", "--seq-length", "256"]
+             "--lr-warmup-iters", "0"]
     logs = {}
     for nproc, parallel in ((1, []), (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"])):
         logs[nproc] = tmp_path / f"{nproc}.jsonl"
-        run(nproc, [*flags, *parallel, "--json-log", str(logs[nproc])], tiny_data)
+        run(nproc, [*flags, *parallel, "--json-log", str(logs[nproc])], short_documents)
     one, two = read_log(logs[1]), read_log(logs[2])
     assert sorted(one) == sorted(two) == [1, 2]
     for iteration in one:
         for key in ("lm_loss", "mtp_1_loss", "mtp_2_loss", "mtp_2_tokens", "grad_norm"):
             assert two[iteration][key] == pytest.approx(one[iteration][key], abs=1e-5), (iteration, key)
 
-
-def test_reset_attention_mask_with_mtp_needs_eod_mask_loss(tiny_data, tmp_path):
-    out = run(1, ["--reset-attention-mask", "--train-iters", "1"], tiny_data, check=False)
-    assert out.returncode != 0 and "--reset-attention-mask with MTP needs --eod-mask-loss" in out.stderr
+    args = parse_args([*TINY, *flags, "--data-path", short_documents["prefix"],
+                       "--data-cache-path", short_documents["cache"]])
+    tokenizer = build_tokenizer("ByteLevel")
+    _, train_set, _ = build_datasets(args, tokenizer, 4)
+    samples = MicroBatchIterator(train_set, 0, 4, 0, 1)
+    for iteration in (1, 2):
+        step = next(samples)
+        assert (step["tokens"] == tokenizer.eod).any(dim=1).all()
+        expected = targets_per_depth(step["tokens"], step["loss_mask"], tokenizer.eod, 2)
+        assert [one[iteration][f"mtp_{k}_tokens"] for k in (1, 2)] == expected

@@ -12,7 +12,7 @@ from megatron_mtp.data.packing import as_packed_documents, document_boundaries
 from megatron_mtp.layers import get_mtp_block_spec
 from megatron_mtp.loss import MTPStats
 from megatron_mtp.model import MTPGPTModel
-from packed_batches import forward
+from packed_batches import forward, targets_per_depth
 from tiny import SEQ, VOCAB, transformer_config
 
 EOD = VOCAB - 1
@@ -34,18 +34,6 @@ def _sample_batch(seed: int) -> dict:
         tokens=tokens, labels=labels, loss_mask=(tokens != EOD).float(),
         position_ids=torch.arange(SEQ).expand(2, SEQ).contiguous(), attention_mask=None,
     )
-
-
-def _targets_per_depth(batch: dict, depths: int) -> list:
-    """Positions t whose token t + k + 1 is in t's document and not masked, counted per depth k."""
-    documents = document_boundaries(batch["tokens"], EOD).tolist()
-    mask = batch["loss_mask"].flatten()
-    counts = []
-    for depth in range(1, depths + 1):
-        counts.append(sum(
-            int(mask[t + depth]) for start, end in zip(documents, documents[1:]) for t in range(start, end - depth)
-        ))
-    return counts
 
 
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
@@ -73,4 +61,4 @@ def test_mtp_on_packed_documents_never_crosses_an_eod(single_process, mode):
     torch.testing.assert_close(changed_loss, loss, atol=1e-6, rtol=0)
     torch.testing.assert_close(changed_stats, stats, atol=1e-5, rtol=0)
     tokens = [stats[k, 1].item() for k in range(depths)]
-    assert tokens == _targets_per_depth(batch, depths)
+    assert tokens == targets_per_depth(batch["tokens"], batch["loss_mask"], EOD, depths)
