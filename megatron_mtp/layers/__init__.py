@@ -5,6 +5,6 @@ from megatron_mtp.layers.sequential import SequentialMTPLayer, SequentialMTPLaye
 from megatron_mtp.layers.specs import get_mtp_block_spec
 
 __all__ = [
-    "MTPBlock", "MTPBlockSubmodules", "PackedSequences", "ParallelMTPHead", "ParallelMTPHeadSubmodules", "SequentialMTPLayer",
-    "SequentialMTPLayerSubmodules", "get_mtp_block_spec", "roll_left",
+    "MTPBlock", "MTPBlockSubmodules", "PackedSequences", "ParallelMTPHead", "ParallelMTPHeadSubmodules",
+    "SequentialMTPLayer", "SequentialMTPLayerSubmodules", "get_mtp_block_spec", "roll_left",
 ]

@@ -1,6 +1,8 @@
 """A packed (THD) micro-batch at TP=2 with sequence parallelism gives one process's LM loss, per-depth MTP counts and
 every gradient (fp32, Megatron DDP and schedule), both MTP modes in one spawned world."""
 
+from typing import Optional
+
 import torch
 
 from megatron.core import parallel_state
@@ -13,8 +15,9 @@ from megatron_mtp.loss import MTPStats
 from megatron_mtp.model import MTPGPTModel
 from mp_world import run_world
 from packed_batches import documents, forward, packed_batch
-from tiny import SEQ, VOCAB, decoder_spec, global_names, grad_of, load_full_state, max_grad_diffs, transformer_config
-from tiny import wrap_ddp
+from tiny import (
+    SEQ, VOCAB, decoder_spec, global_names, grad_of, load_full_state, max_grad_diffs, transformer_config, wrap_ddp,
+)
 
 MODES = ["sequential", "parallel"]
 
@@ -24,11 +27,13 @@ def _model(mode: str, tp: int):
     config = transformer_config(mtp, tp=tp, sp=tp > 1, num_layers=2)
     spec = cpu_bridge.with_packed_attention(decoder_spec(config))
     mtp_spec = cpu_bridge.with_sequence_parallel_norms(get_mtp_block_spec(spec, mtp))
-    model = MTPGPTModel(config, spec, VOCAB, SEQ, mtp_config=mtp, mtp_block_spec=mtp_spec, position_embedding_type="rope")
+    model = MTPGPTModel(
+        config, spec, VOCAB, SEQ, mtp_config=mtp, mtp_block_spec=mtp_spec, position_embedding_type="rope"
+    )
     return model, config
 
 
-def _train_step(model, config, stats: MTPStats) -> torch.Tensor:
+def _train_step(model, stats: MTPStats) -> torch.Tensor:
     """One forward/backward of the packed batch through Megatron's schedule; returns [LM loss sum, tokens]."""
     batch = packed_batch(documents())
 
@@ -50,7 +55,8 @@ def _train_step(model, config, stats: MTPStats) -> torch.Tensor:
     return reports[0]["lm loss"]
 
 
-def _run_mode(mode: str, reference: dict = None) -> dict:
+def _run_mode(mode: str, reference: Optional[dict] = None) -> dict:
+    """This rank's loss, MTP counts and gradients (reference: None) or gradient differences from ``reference``."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     model, config = _model(mode, tp)
     if reference is not None:
@@ -58,10 +64,11 @@ def _run_mode(mode: str, reference: dict = None) -> dict:
     model = wrap_ddp(model, config)
     weights = {name: param.detach().clone() for name, param in global_names(model).items()}
     stats = MTPStats(2)
-    loss = _train_step(model, config, stats)
+    loss = _train_step(model, stats)
     result = dict(loss=loss, stats=stats.values)
     if reference is None:
-        return dict(result, weights=weights, grads={name: grad_of(p).clone() for name, p in global_names(model).items()})
+        grads = {name: grad_of(param).clone() for name, param in global_names(model).items()}
+        return dict(result, weights=weights, grads=grads)
     return dict(result, grad_diffs=max_grad_diffs(model, reference["grads"]))
 
 
