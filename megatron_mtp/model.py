@@ -148,6 +148,8 @@ class MTPGPTModel(GPTModel):
 
         Args (beyond ``GPTModel.forward``'s, which include ``loss_mask`` and ``padding_mask``):
             input_ids, position_ids, labels, loss_mask: [b, s]; the last stage needs them all for MTP.
+            packed_seq_params: Megatron-Core's THD layout ([1, t] inputs, documents given by cu_seqlens): MTP
+                depths roll within each document (``layers/roll.py``); context parallelism not yet.
             mtp_stats: receives this micro-batch's per-depth counts (also computes acceptance metrics).
             mtp_step: training step, selects lambda when ``mtp_config.loss_scaling_schedule`` is set.
             compute_mtp: run MTP (default: in training mode, when labels are given).
