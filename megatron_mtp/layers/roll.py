@@ -87,13 +87,11 @@ def roll_left(
     kept = tensor.narrow(dim, shift, length - shift)
     tail_shape = list(tensor.shape)
     tail_shape[dim] = shift
-    rolled = torch.cat([kept, tensor.new_zeros(tail_shape)], dim=dim)
-    if sequences is None and fill is None:
-        return rolled
+    tail = tensor.new_zeros(tail_shape) if fill is None else fill.narrow(dim, length - shift, shift)
+    rolled = torch.cat([kept, tail], dim=dim)
     if sequences is None:
-        keep = torch.arange(length, device=tensor.device) < length - shift
-    else:
-        keep = sequences.same_sequence(shift, length)
+        return rolled
+    keep = sequences.same_sequence(shift, length)
     keep_shape = [1] * tensor.dim()
     keep_shape[dim] = length
     keep = keep.view(keep_shape)
