@@ -200,8 +200,10 @@ class MTPGPTModel(GPTModel):
         if not run_mtp:
             return output
         if call.stats is not None:
-            call.stats.add(count_main_agreement(mtp_result.stats, mtp_result.predictions, main_predictions, loss_mask))
-        return inject_mtp_loss(output, mtp_result.term, loss_mask, self.config.calculate_per_token_loss)
+            call.stats.add(
+                count_main_agreement(mtp_result.stats, mtp_result.predictions, main_predictions, loss_mask, self._cp_group)
+            )
+        return inject_mtp_loss(output, mtp_result.term, loss_mask, self.config.calculate_per_token_loss, self._cp_group)
 
     def _chunks_main_loss(self, hidden_states: Tensor, kwargs: dict) -> bool:
         """Whether the main per-token loss comes from ``chunked_token_loss`` instead of ``GPTModel._postprocess``.
@@ -262,7 +264,14 @@ class MTPGPTModel(GPTModel):
             depth_loss=self._depth_loss(),
             latent_targets=self._latent_targets(hidden_states) if config.latent_losses else None,
             want_stats=call.stats is not None,
+            cp_group=self._cp_group,
         )
+
+    @property
+    def _cp_group(self):
+        """The context-parallel group: under CP the sequence is split in Megatron's load-balanced layout, and MTP
+        rolls tokens across it (``layers/context_parallel.py``)."""
+        return self.pg_collection.cp
 
     def _token_embeddings(self, call: _MTPCall, input_ids, position_ids, decoder_input) -> dict:
         """Sequential MTP's token embeddings [s, b, h] (see ``MTPBlock.forward``): on the first stage the decoder's
@@ -299,9 +308,15 @@ class MTPGPTModel(GPTModel):
             embedding_weight=embedding_weight,
             tp_group=self.output_layer.tp_group,
             sequence_parallel=self.config.sequence_parallel,
+            cp_group=self._cp_group,
         )
 
     def _check_mtp_inputs(self, input_ids, labels, loss_mask, packed_seq_params, mtp_step) -> None:
+        if packed_seq_params is not None and self.config.context_parallel_size > 1:
+            raise NotImplementedError(
+                "MTP with packed sequences (packed_seq_params) under context parallelism is not supported: "
+                f"context_parallel_size is {self.config.context_parallel_size}"
+            )
         if packed_seq_params is not None:
             raise NotImplementedError("MTPGPTModel does not support packed sequences yet")
         if self.mtp_process and input_ids is None:
@@ -310,9 +325,10 @@ class MTPGPTModel(GPTModel):
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
         if loss_mask is not None and loss_mask.shape != labels.shape:
             raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal labels shape {tuple(labels.shape)}")
-        if labels.shape[-1] <= self.mtp_config.num_layers:
+        sequence_length = labels.shape[-1] * self.config.context_parallel_size
+        if sequence_length <= self.mtp_config.num_layers:
             raise ValueError(
-                f"sequence length {labels.shape[-1]} must exceed MTP num_layers ({self.mtp_config.num_layers})"
+                f"sequence length {sequence_length} must exceed MTP num_layers ({self.mtp_config.num_layers})"
             )
         if self.training and mtp_step is None and self.mtp_config.loss_scaling_schedule:
             raise ValueError("mtp_config.loss_scaling_schedule is set: pass mtp_step=<training step> to forward")
@@ -332,8 +348,6 @@ def _check_configs(config, mtp_config, mtp_block_spec, max_sequence_length, posi
         raise ValueError("mtp_block_spec is required when MTP is enabled (see megatron_mtp.layers.get_mtp_block_spec)")
     if "mtp_block_spec" in gpt_kwargs:
         raise ValueError("pass mtp_block_spec from megatron_mtp.layers.get_mtp_block_spec, not Megatron-Core's")
-    if mtp_config.enabled and config.context_parallel_size > 1:
-        raise NotImplementedError("MTPGPTModel does not support context parallelism yet")
     if mtp_config.enabled and (config.virtual_pipeline_model_parallel_size or 1) > 1:
         raise NotImplementedError(
             "MTPGPTModel does not support virtual pipeline stages (interleaved 1F1B) yet: "

@@ -85,8 +85,12 @@ def transformer_config(
 
 
 def decoder_spec(config: TransformerConfig):
-    """This stage's decoder block spec (local modules), with norms that accept sequence parallelism."""
-    return cpu_bridge.with_sequence_parallel_norms(get_gpt_decoder_block_spec(config, use_transformer_engine=False))
+    """This stage's decoder block spec (local modules), with norms that accept sequence parallelism, and under
+    context parallelism the bridge's all-gather core attention."""
+    spec = cpu_bridge.with_sequence_parallel_norms(get_gpt_decoder_block_spec(config, use_transformer_engine=False))
+    if config.context_parallel_size > 1:
+        spec = cpu_bridge.with_context_parallel_attention(spec)
+    return spec
 
 
 def build_model(config: TransformerConfig, mtp: MTPConfig, tied: bool = False, position: str = "rope"):

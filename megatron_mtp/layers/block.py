@@ -12,6 +12,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mtp.config import MTPConfig
+from megatron_mtp.layers.context_parallel import cp_size, to_local_chunks, to_natural_order
 
 
 @dataclass
@@ -32,6 +33,7 @@ class MTPBlock(MegatronModule):
         super().__init__(config=config)
         self.mode = mtp_config.mode
         self.tp_group = pg_collection.tp
+        self.cp_group = getattr(pg_collection, "cp", None)
         self.layers = torch.nn.ModuleList(
             build_module(submodules.layer, config=config, depth=k, pg_collection=pg_collection, vp_stage=vp_stage)
             for k in range(1, mtp_config.num_layers + 1)
@@ -49,7 +51,8 @@ class MTPBlock(MegatronModule):
     ) -> List[torch.Tensor]:
         """
         Args:
-            hidden_states: h_0, the decoder's final-normed output, [s, b, h] ([s/tp, b, h] with SP).
+            hidden_states: h_0, the decoder's final-normed output, [s, b, h] ([s/tp, b, h] with SP; s is this
+                context-parallel rank's two chunks of the sequence under CP).
             token_embeddings: the embedding of the un-rolled input ids, shaped like ``hidden_states`` (sequential
                 depths only). Depth k reads it rolled left by k, the embedding of token t+k at position t.
             tail_embeddings: what depth k reads at the last k positions, past the sequence end, shaped like
@@ -72,9 +75,16 @@ class MTPBlock(MegatronModule):
                 token_embeddings, tensor_parallel_output_grad=False, group=self.tp_group
             )
             tail_embeddings = gather_from_sequence_parallel_region(tail_embeddings, group=self.tp_group)  # no grad
+        context_parallel = cp_size(self.cp_group) > 1
+        if context_parallel:  # the roll crosses chunks: roll the sequence in natural order, keep this rank's chunks
+            token_embeddings = to_natural_order(token_embeddings, self.cp_group)
+            with torch.no_grad():
+                tail_embeddings = to_natural_order(tail_embeddings, self.cp_group)
         previous = hidden_states
         for depth, layer in enumerate(self.layers, start=1):
             rolled = torch.cat((token_embeddings[depth:], tail_embeddings[:depth]))
+            if context_parallel:
+                rolled = to_local_chunks(rolled, self.cp_group)
             if self.config.sequence_parallel:
                 rolled = scatter_to_sequence_parallel_region(rolled, group=self.tp_group)
             previous = layer(previous, rolled, attention_mask, **rotary)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-from megatron_mtp.layers.roll import roll_left
+from megatron_mtp.layers.context_parallel import roll_left_across
 from megatron_mtp.loss.metrics import vocab_slice_start
 
 
@@ -31,6 +31,7 @@ class LatentTargets(NamedTuple):
     embedding_weight: Optional[torch.Tensor]  # vocab-parallel word embedding [V/tp, h]; needed for anchoring
     tp_group: Optional[dist.ProcessGroup]
     sequence_parallel: bool
+    cp_group: Optional[dist.ProcessGroup] = None  # the trunk's shift by k crosses context-parallel chunks
 
 
 class LatentSums(NamedTuple):
@@ -53,7 +54,7 @@ def latent_sums(
     if targets.consistency_weight:
         with torch.no_grad():
             trunk = _full_sequence(targets.trunk_hidden, targets).float()
-            shifted_trunk = roll_left(trunk, depth, dim=0)  # [s, b, h]: h_0[t+k]
+            shifted_trunk = roll_left_across(trunk, depth, targets.cp_group, dim=0)  # [s, b, h]: h_0[t+k]
         consistency = _masked_mse_sum(hidden, shifted_trunk, mask)
     if targets.anchoring_weight:
         if targets.embedding_weight is None:

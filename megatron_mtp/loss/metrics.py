@@ -5,7 +5,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_mtp.layers.roll import roll_left
+from megatron_mtp.layers.context_parallel import roll_left_across
 
 STAT_FIELDS = (
     "loss_sum",
@@ -47,18 +47,24 @@ def vocab_parallel_argmax(logits: torch.Tensor, tp_group: Optional[dist.ProcessG
 
 @torch.no_grad()
 def count_main_agreement(
-    stats: torch.Tensor, depth_predictions: List[torch.Tensor], main_predictions: torch.Tensor, loss_mask: torch.Tensor
+    stats: torch.Tensor,
+    depth_predictions: List[torch.Tensor],
+    main_predictions: torch.Tensor,
+    loss_mask: torch.Tensor,
+    cp_group: Optional[dist.ProcessGroup] = None,
 ) -> torch.Tensor:
     """``stats`` [D, 6] with ``correct_main`` filled in: valid targets where depth k's greedy id at position t
     equals the main model's at position t+k (the same target token).
 
     Args:
-        depth_predictions: per depth [b, s]; main_predictions, loss_mask: [b, s] (main alignment).
+        depth_predictions: per depth [b, s]; main_predictions, loss_mask: [b, s] (main alignment; s: this
+            context-parallel rank's chunks, rolled across the whole sequence over ``cp_group``).
     """
     stats = stats.clone()
     for depth, predictions in enumerate(depth_predictions, start=1):
-        valid = roll_left(loss_mask, depth) > 0
-        stats[depth - 1, 3] = ((predictions == roll_left(main_predictions, depth)) & valid).sum()
+        valid = roll_left_across(loss_mask, depth, cp_group) > 0
+        rolled_main = roll_left_across(main_predictions, depth, cp_group)
+        stats[depth - 1, 3] = ((predictions == rolled_main) & valid).sum()
     return stats
 
 

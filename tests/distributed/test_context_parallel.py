@@ -1,0 +1,165 @@
+"""Context parallelism (CP=2, and CP=2 x TP=2 with sequence parallelism) gives one process's LM losses, MTP
+metrics and every gradient, for both MTP modes, in both loss forms: per-token sums (``calculate_per_token_loss``,
+normalised by the global token count in ``finalize_model_grads``) and a mean over the whole sequence (the loss
+function divides by the token count summed over the CP group, Megatron's two-value ``loss_func`` form, which the
+schedule multiplies by the CP size). The loss mask masks tokens on both sides of every CP chunk boundary, so the
+rolled targets of each depth cross chunks and ranks. Each rank gets its two chunks of every sequence from
+Megatron-Core's ``get_batch_on_this_cp_rank``; attention is the CPU bridge's all-gather CP attention.
+
+The last test runs Megatron-Core's own MTP at CP=2 next to ours and reports its MTP gradient scale against the
+one-process value (upstream issue NVIDIA/Megatron-LM#3943); only ours is asserted.
+"""
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
+
+from megatron_mtp.config import MTPConfig
+from megatron_mtp.loss import MTPStats
+from megatron_mtp.model import MTPGPTModel
+from mp_world import run_world
+from tiny import (
+    BATCH,
+    SEQ,
+    build_megatron_core_model,
+    build_model,
+    global_names,
+    grad_of,
+    load_full_state,
+    make_batches,
+    max_grad_diffs,
+    transformer_config,
+    wrap_ddp,
+)
+
+DEPTHS = 2
+MICROBATCHES = 2
+# (mode, per-token loss, sequence parallel, latent losses)
+CP_CASES = [("sequential", True, False, True), ("sequential", False, False, False), ("parallel", False, False, True),
+            ("parallel", True, False, False)]
+CP_TP_CASES = [("sequential", True, True, False), ("parallel", False, True, True)]
+
+
+def _mtp_config(mode: str, latent: bool, reference: bool) -> MTPConfig:
+    return MTPConfig(
+        num_layers=DEPTHS,
+        mode=mode,
+        depth_weighting="harmonic",
+        loss_implementation="plain" if reference else "chunked",
+        loss_chunk_size=5,
+        latent_consistency_weight=0.3 if latent else 0.0,
+        semantic_anchoring_weight=0.2 if latent else 0.0,
+    )
+
+
+def _batches():
+    """tiny's batches with tokens masked next to the CP=2 chunk boundaries (positions 3|4, 7|8, 11|12)."""
+    batches = make_batches(MICROBATCHES)
+    for batch in batches:
+        batch["loss_mask"][0, [3, 8, 11]] = 0
+        batch["loss_mask"][1, [4, 7, 12]] = 0
+    return batches
+
+
+def _train_step(model, config, batches, stats):
+    """One Megatron forward/backward on this CP rank's chunks; returns per-micro-batch [loss sum, tokens] of this
+    rank. The loss is a sum per token (``calculate_per_token_loss``) or the whole sequence's mean."""
+    cp_group = parallel_state.get_context_parallel_group()
+    mtp_kwargs = dict(mtp_stats=stats) if isinstance(unwrap_model(model), MTPGPTModel) else {}
+
+    def forward_step(data_iterator, model):
+        batch = get_batch_on_this_cp_rank(dict(next(data_iterator)))
+        output = model(
+            batch["tokens"], batch["position_ids"], batch["attention_mask"],
+            labels=batch["labels"], loss_mask=batch["loss_mask"], **mtp_kwargs,
+        )
+
+        def loss_func(per_token_loss):
+            mask = batch["loss_mask"].float()
+            loss_sum = (per_token_loss.float() * mask).sum()
+            report = {"lm loss": torch.stack((loss_sum.detach(), mask.sum()))}
+            if config.calculate_per_token_loss:
+                return loss_sum, mask.sum().to(torch.int), report
+            tokens = mask.sum()
+            torch.distributed.all_reduce(tokens, group=cp_group)
+            return loss_sum / tokens.clamp(min=1), report
+
+        return output, loss_func
+
+    model.zero_grad_buffer()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=len(batches),
+        seq_length=SEQ,
+        micro_batch_size=BATCH,
+        forward_only=False,
+    )
+    return [report["lm loss"] for report in reports]
+
+
+def _config(case, reference: bool, **parallel):
+    mode, per_token, sp, latent = case
+    mtp = _mtp_config(mode, latent, reference)
+    return mtp, transformer_config(mtp, sp=sp, calculate_per_token_loss=per_token, **parallel)
+
+
+def _reference(cases):
+    results = []
+    for case in cases:
+        mtp, config = _config(case, reference=True)
+        model = wrap_ddp(build_model(config, mtp), config)
+        weights = {name: p.detach().clone() for name, p in global_names(model).items()}
+        stats = MTPStats(DEPTHS, latent_losses=case[3])
+        losses = _train_step(model, config, _batches(), stats)
+        grads = {name: grad_of(p).clone() for name, p in global_names(model).items()}
+        results.append(dict(weights=weights, losses=losses, stats=stats.values, grads=grads))
+    return results
+
+
+def _parallel_run(cases, references):
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
+    out = []
+    for case, reference in zip(cases, references, strict=True):
+        mtp, config = _config(case, reference=False, tp=tp, context_parallel_size=cp)
+        model = build_model(config, mtp)
+        load_full_state(model, reference["weights"])
+        model = wrap_ddp(model, config)
+        stats = MTPStats(DEPTHS, latent_losses=case[3])
+        losses = _train_step(model, config, _batches(), stats)
+        stats.all_reduce(parallel_state.get_data_parallel_group(with_context_parallel=True))
+        out.append(dict(losses=torch.stack(losses), stats=stats.values, grad_diffs=max_grad_diffs(model, reference["grads"])))
+    return out
+
+
+def _check(rank_results, references, cases, cp: int):
+    for case_index, (case, reference) in enumerate(zip(cases, references, strict=True)):
+        for rank, results in enumerate(rank_results):
+            result = results[case_index]
+            bad = {name: diff for name, diff in result["grad_diffs"].items() if diff > 1e-5}
+            assert not bad, f"{case} rank {rank}: gradients differ from one process: {bad}"
+            assert result["grad_diffs"]["mtp.layers.1.final_layernorm.weight"] <= 1e-5
+            torch.testing.assert_close(result["stats"], reference["stats"], atol=1e-4, rtol=0, msg=f"{case} rank {rank}")
+        # [loss sum, tokens] per micro-batch: the CP ranks' shares add up to the one-process sums
+        tp = len(rank_results) // cp
+        for tp_rank in range(tp):
+            summed = sum(rank_results[cp_rank * tp + tp_rank][case_index]["losses"] for cp_rank in range(cp))
+            torch.testing.assert_close(summed, torch.stack(reference["losses"]), atol=1e-5, rtol=0, msg=str(case))
+        depth_tokens = reference["stats"][:, 1]
+        assert (depth_tokens < MICROBATCHES * BATCH * SEQ - 6).all()  # the boundary tokens are really masked
+
+
+def test_context_parallel_2_both_modes(single_process):
+    references = _reference(CP_CASES)
+    rank_results = run_world(_parallel_run, 2, CP_CASES, references, cp=2)
+    _check(rank_results, references, CP_CASES, cp=2)
+
+
+def test_context_parallel_2_with_tensor_parallel_2(single_process):
+    references = _reference(CP_TP_CASES)
+    rank_results = run_world(_parallel_run, 4, CP_TP_CASES, references, tp=2, cp=2)
+    _check(rank_results, references, CP_TP_CASES, cp=2)
