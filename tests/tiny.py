@@ -85,9 +85,14 @@ def transformer_config(
 
 
 def decoder_spec(config: TransformerConfig):
-    """This stage's decoder block spec (local modules), with norms that accept sequence parallelism, and under
-    context parallelism the bridge's all-gather core attention."""
-    spec = cpu_bridge.with_sequence_parallel_norms(get_gpt_decoder_block_spec(config, use_transformer_engine=False))
+    """This stage's decoder block spec (local modules), made to run on CPU by :func:`for_cpu`."""
+    return for_cpu(get_gpt_decoder_block_spec(config, use_transformer_engine=False), config)
+
+
+def for_cpu(spec, config: TransformerConfig):
+    """``spec`` with the CPU bridge's stand-ins for what TE provides on GPU: norms that accept sequence
+    parallelism, and under context parallelism the all-gather core attention."""
+    spec = cpu_bridge.with_sequence_parallel_norms(spec)
     if config.context_parallel_size > 1:
         spec = cpu_bridge.with_context_parallel_attention(spec)
     return spec
@@ -95,7 +100,7 @@ def decoder_spec(config: TransformerConfig):
 
 def build_model(config: TransformerConfig, mtp: MTPConfig, tied: bool = False, position: str = "rope"):
     spec = decoder_spec(config)
-    mtp_spec = cpu_bridge.with_sequence_parallel_norms(get_mtp_block_spec(spec, mtp)) if mtp.enabled else None
+    mtp_spec = for_cpu(get_mtp_block_spec(spec, mtp), config) if mtp.enabled else None
     return MTPGPTModel(
         config,
         spec,
@@ -129,7 +134,7 @@ def build_megatron_core_model(config: TransformerConfig, tied: bool = False, pos
         spec,
         VOCAB,
         SEQ,
-        mtp_block_spec=cpu_bridge.with_sequence_parallel_norms(mtp_spec),
+        mtp_block_spec=for_cpu(mtp_spec, config),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=tied,

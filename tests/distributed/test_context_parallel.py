@@ -14,8 +14,10 @@ import torch
 
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
 
+from megatron_mtp.compat import megatron_core_mtp_logged_losses
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.loss import MTPStats
 from megatron_mtp.model import MTPGPTModel
@@ -104,7 +106,7 @@ def _train_step(model, config, batches, stats):
 def _config(case, reference: bool, **parallel):
     mode, per_token, sp, latent = case
     mtp = _mtp_config(mode, latent, reference)
-    return mtp, transformer_config(mtp, sp=sp, calculate_per_token_loss=per_token, **parallel)
+    return mtp, transformer_config(mtp, sp=sp and not reference, calculate_per_token_loss=per_token, **parallel)
 
 
 def _reference(cases):
@@ -163,3 +165,63 @@ def test_context_parallel_2_with_tensor_parallel_2(single_process):
     references = _reference(CP_TP_CASES)
     rank_results = run_world(_parallel_run, 4, CP_TP_CASES, references, tp=2, cp=2)
     _check(rank_results, references, CP_TP_CASES, cp=2)
+
+
+def _megatron_core_truth():
+    """One process, Megatron-Core's own GPTModel + MTP: weights, per-depth MTP losses, gradients (mean form)."""
+    mtp = MTPConfig(num_layers=DEPTHS)
+    model = wrap_ddp(build_megatron_core_model(transformer_config(mtp)), transformer_config(mtp))
+    weights = {name: value.clone() if torch.is_tensor(value) else value for name, value in model.module.state_dict().items()}
+    MTPLossLoggingHelper.tracker.clear()
+    losses = _train_step(model, model.config, _batches(), None)
+    depth_losses = megatron_core_mtp_logged_losses() / MICROBATCHES
+    grads = {name: grad_of(p).clone() for name, p in model.module.named_parameters()}
+    return dict(weights=weights, losses=losses, depth_losses=depth_losses, grads=grads)
+
+
+def _both_at_context_parallel(truth):
+    """In each CP rank: Megatron-Core's MTP model and ours, from the truth's weights; their MTP results."""
+    mtp = MTPConfig(num_layers=DEPTHS)
+    config = transformer_config(mtp, context_parallel_size=parallel_state.get_context_parallel_world_size())
+    out = {}
+    for label, model in (("megatron_core", build_megatron_core_model(config)), ("ours", build_model(config, mtp))):
+        model.load_state_dict(truth["weights"])
+        model = wrap_ddp(model, model.config)
+        MTPLossLoggingHelper.tracker.clear()
+        stats = MTPStats(DEPTHS) if label == "ours" else None
+        _train_step(model, model.config, _batches(), stats)
+        if label == "ours":
+            stats.all_reduce(parallel_state.get_data_parallel_group(with_context_parallel=True))
+            summary = stats.summary()
+            depth_losses = torch.tensor([summary[f"mtp_{k}_loss"] for k in range(1, DEPTHS + 1)])
+        else:  # its log: each rank's own mean, averaged over the data- and context-parallel ranks when reported
+            logged = megatron_core_mtp_logged_losses() / MICROBATCHES
+            torch.distributed.all_reduce(logged, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+            depth_losses = logged / parallel_state.get_context_parallel_world_size()
+        grads = {name: grad_of(p).clone() for name, p in model.module.named_parameters()}
+        out[label] = dict(depth_losses=depth_losses, grads=grads)
+    return out
+
+
+def _mtp_grad_norm(grads) -> float:
+    return torch.linalg.vector_norm(torch.stack([g.norm() for name, g in grads.items() if name.startswith("mtp.")])).item()
+
+
+def test_megatron_core_mtp_at_context_parallel_2_next_to_ours(single_process):
+    """Reports Megatron-Core's MTP figures at CP=2 (issue #3943); asserts ours equal the one-process truth."""
+    truth = _megatron_core_truth()
+    rank_results = run_world(_both_at_context_parallel, 2, truth, cp=2)
+    true_norm = _mtp_grad_norm(truth["grads"])
+    for rank, result in enumerate(rank_results):
+        ours, core = result["ours"], result["megatron_core"]
+        print(
+            f"CP=2 rank {rank}: MTP-parameter gradient norm, one process {true_norm:.6f}, ours "
+            f"{_mtp_grad_norm(ours['grads']):.6f}, Megatron-Core {_mtp_grad_norm(core['grads']):.6f}; per-depth "
+            f"MTP loss, one process {truth['depth_losses'].tolist()}, ours {ours['depth_losses'].tolist()}, "
+            f"Megatron-Core {core['depth_losses'].tolist()}"
+        )
+        assert set(ours["grads"]) == set(truth["grads"])
+        for name, grad in ours["grads"].items():
+            torch.testing.assert_close(grad, truth["grads"][name], atol=1e-5, rtol=0, msg=f"rank {rank} {name}")
+        torch.testing.assert_close(ours["depth_losses"].float(), truth["depth_losses"], atol=1e-5, rtol=0)
+        assert true_norm > 0
