@@ -18,9 +18,8 @@ from torch.utils.data import Dataset
 
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_batch_on_this_cp_rank
 
-from megatron_mtp.compat import reset_moe_aux_loss_log
+from megatron_mtp.compat import batch_on_this_cp_rank, reset_moe_aux_loss_log
 from megatron_mtp.data.datasets import MicroBatchIterator, build_gpt_datasets
 from megatron_mtp.data.stdlib_corpus import prepare_stdlib_corpus
 from megatron_mtp.data.tokenizers import build_tokenizer
@@ -157,7 +156,8 @@ def run_microbatches(model, batches: Iterator[Dict], runtime, args, device, stat
 
     def forward_step(data_iterator, model):
         batch = {name: tensor.to(device) for name, tensor in next(data_iterator).items()}
-        batch = get_batch_on_this_cp_rank(batch)  # this context-parallel rank's two chunks of each sequence
+        # This context-parallel rank's two chunks of each sequence, as Megatron-LM's get_batch cuts them.
+        batch = batch_on_this_cp_rank(batch, parallel_state.get_context_parallel_group())
         output = model(
             batch["tokens"],
             batch["position_ids"],

@@ -4,7 +4,8 @@ normalised by the global token count in ``finalize_model_grads``) and a mean ove
 function divides by the token count summed over the CP group, Megatron's two-value ``loss_func`` form, which the
 schedule multiplies by the CP size). The loss mask masks tokens on both sides of every CP chunk boundary, so the
 rolled targets of each depth cross chunks and ranks. Each rank gets its two chunks of every sequence from
-Megatron-Core's ``get_batch_on_this_cp_rank``; attention is the CPU bridge's all-gather CP attention.
+Megatron-Core's ``get_batch_on_this_cp_rank`` (through ``compat``); attention is the CPU bridge's all-gather CP
+attention.
 
 The last test runs Megatron-Core's own MTP at CP=2 next to ours and reports its MTP gradient scale against the
 one-process value (upstream issue NVIDIA/Megatron-LM#3943); only ours is asserted.
@@ -15,9 +16,9 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
-from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
+from megatron.core.utils import unwrap_model
 
-from megatron_mtp.compat import megatron_core_mtp_logged_losses
+from megatron_mtp.compat import batch_on_this_cp_rank, megatron_core_mtp_logged_losses
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.loss import MTPStats
 from megatron_mtp.model import MTPGPTModel
@@ -72,7 +73,7 @@ def _train_step(model, config, batches, stats):
     mtp_kwargs = dict(mtp_stats=stats) if isinstance(unwrap_model(model), MTPGPTModel) else {}
 
     def forward_step(data_iterator, model):
-        batch = get_batch_on_this_cp_rank(dict(next(data_iterator)))
+        batch = batch_on_this_cp_rank(dict(next(data_iterator)), cp_group)
         output = model(
             batch["tokens"], batch["position_ids"], batch["attention_mask"],
             labels=batch["labels"], loss_mask=batch["loss_mask"], **mtp_kwargs,
