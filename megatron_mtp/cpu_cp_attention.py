@@ -8,19 +8,17 @@ gradients, so each rank receives the sum over all ranks' queries for its own tok
 into specs in place of ``DotProductAttention`` (:func:`megatron_mtp.cpu_bridge.with_context_parallel_attention`).
 """
 
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_mtp.deepseek.cpu_attention import attend
 from megatron_mtp.layers.context_parallel import local_positions, to_natural_order
 
 
@@ -80,20 +78,8 @@ class ContextParallelCoreAttention(MegatronModule):
             raise NotImplementedError(f"ContextParallelCoreAttention supports causal masks only, not {attn_mask_type}")
         key = to_natural_order(key, self.cp_group)  # [s, b, ng, d]
         value = to_natural_order(value, self.cp_group)
-        heads, groups = query.shape[2], key.shape[2]
-        if heads != groups:
-            key = key.repeat_interleave(heads // groups, dim=2)
-            value = value.repeat_interleave(heads // groups, dim=2)
         query_positions = local_positions(query.shape[0], self.cp_group, query.device)
         key_positions = torch.arange(key.shape[0], device=query.device)
         allowed = key_positions[None, :] <= query_positions[:, None]  # [s/cp, s]
-        # [s, b, n, d] -> [b, n, s, d]
-        query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout_p = self.dropout_p if self.training else 0.0
-        forks_rng = dropout_p and not self.config.sequence_parallel
-        with tensor_parallel.get_cuda_rng_tracker().fork() if forks_rng else nullcontext():
-            context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=allowed, dropout_p=dropout_p, scale=self.softmax_scale
-            )
-        # [b, n, sq, d] -> [sq, b, n * d]
-        return context.permute(2, 0, 1, 3).reshape(context.shape[2], context.shape[0], -1)
+        return attend(query, key, value, allowed, False, dropout_p, self.softmax_scale, self.config)

@@ -4,24 +4,22 @@ normalised by the global token count in ``finalize_model_grads``) and a mean ove
 function divides by the token count summed over the CP group, Megatron's two-value ``loss_func`` form, which the
 schedule multiplies by the CP size). The loss mask masks tokens on both sides of every CP chunk boundary, so the
 rolled targets of each depth cross chunks and ranks. Each rank gets its two chunks of every sequence from
-Megatron-Core's ``get_batch_on_this_cp_rank`` (through ``compat``); attention is the CPU bridge's all-gather CP
+Megatron-Core's ``get_batch_on_this_cp_rank`` (``tiny.train_step``); attention is the CPU bridge's all-gather CP
 attention.
 
-The last test runs Megatron-Core's own MTP at CP=2 next to ours and reports its MTP gradient scale against the
-one-process value (upstream issue NVIDIA/Megatron-LM#3943); only ours is asserted.
+The last test runs Megatron-Core's own MTP at CP=2 next to ours and prints its MTP-parameter gradient norm and
+per-depth losses next to the one-process values (upstream issue NVIDIA/Megatron-LM#3943 reports its MTP gradient
+under-scaled by the CP size); only ours is asserted.
 """
 
 import torch
 
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
-from megatron.core.utils import unwrap_model
 
-from megatron_mtp.compat import batch_on_this_cp_rank, megatron_core_mtp_logged_losses
+from megatron_mtp.compat import megatron_core_mtp_logged_losses
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.loss import MTPStats
-from megatron_mtp.model import MTPGPTModel
 from mp_world import run_world
 from tiny import (
     BATCH,
@@ -33,6 +31,7 @@ from tiny import (
     load_full_state,
     make_batches,
     max_grad_diffs,
+    train_step,
     transformer_config,
     wrap_ddp,
 )
@@ -66,44 +65,6 @@ def _batches():
     return batches
 
 
-def _train_step(model, config, batches, stats):
-    """One Megatron forward/backward on this CP rank's chunks; returns per-micro-batch [loss sum, tokens] of this
-    rank. The loss is a sum per token (``calculate_per_token_loss``) or the whole sequence's mean."""
-    cp_group = parallel_state.get_context_parallel_group()
-    mtp_kwargs = dict(mtp_stats=stats) if isinstance(unwrap_model(model), MTPGPTModel) else {}
-
-    def forward_step(data_iterator, model):
-        batch = batch_on_this_cp_rank(dict(next(data_iterator)), cp_group)
-        output = model(
-            batch["tokens"], batch["position_ids"], batch["attention_mask"],
-            labels=batch["labels"], loss_mask=batch["loss_mask"], **mtp_kwargs,
-        )
-
-        def loss_func(per_token_loss):
-            mask = batch["loss_mask"].float()
-            loss_sum = (per_token_loss.float() * mask).sum()
-            report = {"lm loss": torch.stack((loss_sum.detach(), mask.sum()))}
-            if config.calculate_per_token_loss:
-                return loss_sum, mask.sum().to(torch.int), report
-            tokens = mask.sum()
-            torch.distributed.all_reduce(tokens, group=cp_group)
-            return loss_sum / tokens.clamp(min=1), report
-
-        return output, loss_func
-
-    model.zero_grad_buffer()
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(batches),
-        model=[model],
-        num_microbatches=len(batches),
-        seq_length=SEQ,
-        micro_batch_size=BATCH,
-        forward_only=False,
-    )
-    return [report["lm loss"] for report in reports]
-
-
 def _config(case, reference: bool, **parallel):
     mode, per_token, sp, latent = case
     mtp = _mtp_config(mode, latent, reference)
@@ -117,7 +78,7 @@ def _reference(cases):
         model = wrap_ddp(build_model(config, mtp), config)
         weights = {name: p.detach().clone() for name, p in global_names(model).items()}
         stats = MTPStats(DEPTHS, latent_losses=case[3])
-        losses = _train_step(model, config, _batches(), stats)
+        losses = train_step(model, config, _batches(), stats, sequence_mean=not config.calculate_per_token_loss)
         grads = {name: grad_of(p).clone() for name, p in global_names(model).items()}
         results.append(dict(weights=weights, losses=losses, stats=stats.values, grads=grads))
     return results
@@ -133,7 +94,7 @@ def _parallel_run(cases, references):
         load_full_state(model, reference["weights"])
         model = wrap_ddp(model, config)
         stats = MTPStats(DEPTHS, latent_losses=case[3])
-        losses = _train_step(model, config, _batches(), stats)
+        losses = train_step(model, config, _batches(), stats, sequence_mean=not config.calculate_per_token_loss)
         stats.all_reduce(parallel_state.get_data_parallel_group(with_context_parallel=True))
         out.append(dict(losses=torch.stack(losses), stats=stats.values, grad_diffs=max_grad_diffs(model, reference["grads"])))
     return out
@@ -174,7 +135,7 @@ def _megatron_core_truth():
     model = wrap_ddp(build_megatron_core_model(transformer_config(mtp)), transformer_config(mtp))
     weights = {name: value.clone() if torch.is_tensor(value) else value for name, value in model.module.state_dict().items()}
     MTPLossLoggingHelper.tracker.clear()
-    losses = _train_step(model, model.config, _batches(), None)
+    losses = train_step(model, model.config, _batches(), sequence_mean=True)
     depth_losses = megatron_core_mtp_logged_losses() / MICROBATCHES
     grads = {name: grad_of(p).clone() for name, p in model.module.named_parameters()}
     return dict(weights=weights, losses=losses, depth_losses=depth_losses, grads=grads)
@@ -190,7 +151,7 @@ def _both_at_context_parallel(truth):
         model = wrap_ddp(model, model.config)
         MTPLossLoggingHelper.tracker.clear()
         stats = MTPStats(DEPTHS) if label == "ours" else None
-        _train_step(model, model.config, _batches(), stats)
+        train_step(model, model.config, _batches(), stats, sequence_mean=True)
         if label == "ours":
             stats.all_reduce(parallel_state.get_data_parallel_group(with_context_parallel=True))
             summary = stats.summary()
