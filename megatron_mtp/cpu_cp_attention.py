@@ -4,8 +4,10 @@ Megatron-Core's local ``DotProductAttention`` refuses context parallelism (only 
 This stand-in does what TE's ``cp_comm_type="all_gather"`` does: every CP rank all-gathers the keys and values
 of the whole sequence and attends from its own queries, whose natural positions come from Megatron's
 load-balanced layout (``layers/context_parallel.py``). The gather's backward reduce-scatters the key and value
-gradients, so each rank receives the sum over all ranks' queries for its own tokens. ``cpu_bridge`` puts it
-into specs in place of ``DotProductAttention`` (:func:`megatron_mtp.cpu_bridge.with_context_parallel_attention`).
+gradients, so each rank receives the sum over all ranks' queries for its own tokens. Every ``cp_comm_type``
+(p2p, a2a, their hierarchy) computes the same attention; this one communicates as ``all_gather`` whatever it
+is. ``cpu_bridge`` puts it into specs in place of ``DotProductAttention``
+(:func:`megatron_mtp.cpu_bridge.with_context_parallel_attention`).
 """
 
 from typing import Optional
@@ -39,8 +41,6 @@ class ContextParallelCoreAttention(MegatronModule):
         super().__init__(config=config)
         if attn_mask_type != AttnMaskType.causal:
             raise NotImplementedError(f"ContextParallelCoreAttention supports causal masks only, not {attn_mask_type}")
-        if cp_comm_type not in (None, "all_gather"):
-            raise NotImplementedError(f"ContextParallelCoreAttention implements cp_comm_type 'all_gather', not {cp_comm_type!r}")
         if config.softmax_type != "vanilla" or config.window_size is not None:
             raise NotImplementedError("ContextParallelCoreAttention supports plain softmax without a sliding window")
         if pg_collection is None:

@@ -152,6 +152,11 @@ class MTPGPTModel(GPTModel):
         Returns:
             labels given: per-token next-token loss [b, s]; else logits [b, s, V] (V/tp unless gathered).
         """
+        if packed_seq_params is not None and hasattr(self, "mtp") and self.config.context_parallel_size > 1:
+            raise NotImplementedError(
+                "MTP with packed sequences (packed_seq_params) under context parallelism is not supported: "
+                f"context_parallel_size is {self.config.context_parallel_size}"
+            )
         self._mtp_call = _MTPCall(mtp_stats, mtp_step, compute_mtp, decoder_input is not None)
         try:
             return super().forward(
@@ -200,9 +205,10 @@ class MTPGPTModel(GPTModel):
         if not run_mtp:
             return output
         if call.stats is not None:
-            call.stats.add(
-                count_main_agreement(mtp_result.stats, mtp_result.predictions, main_predictions, loss_mask, self._cp_group)
+            agreement = count_main_agreement(
+                mtp_result.stats, mtp_result.predictions, main_predictions, loss_mask, self._cp_group
             )
+            call.stats.add(agreement)
         return inject_mtp_loss(output, mtp_result.term, loss_mask, self.config.calculate_per_token_loss, self._cp_group)
 
     def _chunks_main_loss(self, hidden_states: Tensor, kwargs: dict) -> bool:
@@ -312,11 +318,6 @@ class MTPGPTModel(GPTModel):
         )
 
     def _check_mtp_inputs(self, input_ids, labels, loss_mask, packed_seq_params, mtp_step) -> None:
-        if packed_seq_params is not None and self.config.context_parallel_size > 1:
-            raise NotImplementedError(
-                "MTP with packed sequences (packed_seq_params) under context parallelism is not supported: "
-                f"context_parallel_size is {self.config.context_parallel_size}"
-            )
         if packed_seq_params is not None:
             raise NotImplementedError("MTPGPTModel does not support packed sequences yet")
         if self.mtp_process and input_ids is None:

@@ -21,7 +21,6 @@ add up to the one-process term. Its gradient is scaled from the main loss's grad
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
-
 import torch.distributed as dist
 
 from megatron_mtp.compat import PER_TOKEN_LOSS_RESCALES_DEPTHS
@@ -169,12 +168,17 @@ class _InjectMTPLoss(torch.autograd.Function):
         scale = grad_lm_loss.sum()
         main_tokens = ctx.saved_tensors[0] if ctx.per_token else None
         if cp_size(ctx.cp_group) > 1:
-            sums = torch.stack((scale.float(), main_tokens.float() if ctx.per_token else torch.zeros_like(scale.float())))
-            dist.all_reduce(sums, group=ctx.cp_group)
-            scale, main_tokens = sums[0].to(scale.dtype), sums[1]
+            scale, main_tokens = _summed_over_cp(ctx.cp_group, scale, main_tokens)
         if ctx.per_token:
             scale = scale / main_tokens.clamp(min=1.0)
         return grad_lm_loss, scale, None, None
+
+
+def _summed_over_cp(cp_group, scale: torch.Tensor, main_tokens: Optional[torch.Tensor]):
+    """``scale`` and ``main_tokens`` (scalars; the latter may be None) summed over the CP group in one all-reduce."""
+    sums = torch.stack([scale.float()] + ([] if main_tokens is None else [main_tokens.float()]))
+    dist.all_reduce(sums, group=cp_group)
+    return sums[0].to(scale.dtype), None if main_tokens is None else sums[1]
 
 
 def inject_mtp_loss(
