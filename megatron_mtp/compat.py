@@ -26,12 +26,15 @@ No other module looks at Megatron-Core's version. What differs:
   takes both;
 - where a static inference context keeps ``materialize_only_last_token_logits``: on the context in 0.16, in its
   ``InferenceConfig`` (``context.config``) in 0.19;
+- ``megatron.core.utils.get_batch_on_this_cp_rank`` (a batch cut to a context-parallel rank's chunks): the batch
+  and an optional group up to 0.16; 0.19 adds a required ``is_hybrid_cp`` (and needs the group);
 - the extra keyword arguments ``GPTModel`` passes to ``_postprocess`` (``padding_mask`` and output processors in
   0.18+): the model takes them by keyword and hands them on unchanged, so nothing here needs to know.
 """
 
+import inspect
 import os
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from megatron.core import __version__ as _megatron_core_version
@@ -44,6 +47,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.utils import get_batch_on_this_cp_rank
 from packaging.version import Version
 
 MEGATRON_CORE_VERSION = Version(_megatron_core_version)
@@ -195,3 +199,14 @@ def report_moe_aux_losses(
         get_moe_metrics_tracker().report(**arguments)
     else:
         track_moe_metrics(**arguments)
+
+
+_CP_BATCH_HYBRID_FLAG = "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters
+
+
+def batch_on_this_cp_rank(batch: Dict[str, Any], cp_group) -> Dict[str, Any]:
+    """Megatron-Core's cut of ``batch`` ([b, s] tensors, an attention mask [b, 1, s, s]) to this context-parallel
+    rank's two chunks of the sequence (load-balanced; see ``layers/context_parallel.py``)."""
+    if _CP_BATCH_HYBRID_FLAG:
+        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=cp_group)
+    return get_batch_on_this_cp_rank(batch, cp_group=cp_group)

@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.layers.roll import PackedSequences
+from megatron_mtp.layers.sequence_layout import SequenceLayout
 from megatron_mtp.loss.chunked import chunked, chunked_token_loss
 from megatron_mtp.loss.latent import LatentTargets
 from megatron_mtp.loss.metrics import MTPStats, count_main_agreement, vocab_parallel_argmax
@@ -41,7 +42,7 @@ class _MTPCall(NamedTuple):
     step: Optional[int] = None
     compute_mtp: Optional[bool] = None
     decoder_input_given: bool = False  # the caller's own decoder input, not the embedding of input_ids
-    sequences: Optional[PackedSequences] = None  # the documents of a packed (THD) micro-batch
+    layout: SequenceLayout = SequenceLayout()  # packed documents and CP group of this micro-batch
 
 
 class MTPGPTModel(GPTModel):
@@ -159,7 +160,8 @@ class MTPGPTModel(GPTModel):
         sequences = None
         if self.mtp_config.enabled:
             sequences = _packed_sequences(packed_seq_params, labels if labels is not None else input_ids, self.config)
-        self._mtp_call = _MTPCall(mtp_stats, mtp_step, compute_mtp, decoder_input is not None, sequences)
+        layout = SequenceLayout(sequences, self._cp_group)
+        self._mtp_call = _MTPCall(mtp_stats, mtp_step, compute_mtp, decoder_input is not None, layout)
         try:
             return super().forward(
                 input_ids, position_ids, attention_mask, decoder_input, labels, inference_context,
@@ -207,12 +209,11 @@ class MTPGPTModel(GPTModel):
         if not run_mtp:
             return output
         if call.stats is not None:
-            call.stats.add(
-                count_main_agreement(
-                    mtp_result.stats, mtp_result.predictions, main_predictions, loss_mask, call.sequences
-                )
+            agreement = count_main_agreement(
+                mtp_result.stats, mtp_result.predictions, main_predictions, loss_mask, call.layout
             )
-        return inject_mtp_loss(output, mtp_result.term, loss_mask, self.config.calculate_per_token_loss)
+            call.stats.add(agreement)
+        return inject_mtp_loss(output, mtp_result.term, loss_mask, self.config.calculate_per_token_loss, self._cp_group)
 
     def _chunks_main_loss(self, hidden_states: Tensor, kwargs: dict) -> bool:
         """Whether the main per-token loss comes from ``chunked_token_loss`` instead of ``GPTModel._postprocess``.
@@ -272,10 +273,16 @@ class MTPGPTModel(GPTModel):
             loss_scale=config.loss_scaling_factor if call.step is None else config.loss_scale_at(call.step),
             per_token_loss=self.config.calculate_per_token_loss,
             depth_loss=self._depth_loss(),
-            latent_targets=self._latent_targets(hidden_states) if config.latent_losses else None,
+            latent_targets=self._latent_targets(hidden_states, call) if config.latent_losses else None,
             want_stats=call.stats is not None,
-            sequences=call.sequences,
+            layout=call.layout,
         )
+
+    @property
+    def _cp_group(self):
+        """The context-parallel group: under CP the sequence is split in Megatron's load-balanced layout, and MTP
+        rolls tokens across it (``layers/context_parallel.py``)."""
+        return self.pg_collection.cp
 
     def _token_embeddings(self, call: _MTPCall, input_ids, position_ids, decoder_input) -> dict:
         """Sequential MTP's token embeddings [s, b, h] (see ``MTPBlock.forward``): on the first stage the decoder's
@@ -299,7 +306,7 @@ class MTPGPTModel(GPTModel):
         recompute = self.mtp_config.loss_recompute_logits
         return chunked(self.mtp_config.loss_chunk_size, grad_in_forward=None if recompute is None else not recompute)
 
-    def _latent_targets(self, trunk_hidden_states: Tensor) -> LatentTargets:
+    def _latent_targets(self, trunk_hidden_states: Tensor, call: _MTPCall) -> LatentTargets:
         embedding_weight = None
         if hasattr(self, "embedding"):
             embedding_weight = self.embedding.word_embeddings.weight
@@ -312,6 +319,7 @@ class MTPGPTModel(GPTModel):
             embedding_weight=embedding_weight,
             tp_group=self.output_layer.tp_group,
             sequence_parallel=self.config.sequence_parallel,
+            layout=call.layout,
         )
 
     def _check_mtp_inputs(self, input_ids, labels, loss_mask, mtp_step) -> None:
@@ -321,9 +329,10 @@ class MTPGPTModel(GPTModel):
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
         if loss_mask is not None and loss_mask.shape != labels.shape:
             raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal labels shape {tuple(labels.shape)}")
-        if labels.shape[-1] <= self.mtp_config.num_layers:
+        sequence_length = labels.shape[-1] * self.config.context_parallel_size
+        if sequence_length <= self.mtp_config.num_layers:
             raise ValueError(
-                f"sequence length {labels.shape[-1]} must exceed MTP num_layers ({self.mtp_config.num_layers})"
+                f"sequence length {sequence_length} must exceed MTP num_layers ({self.mtp_config.num_layers})"
             )
         if self.training and mtp_step is None and self.mtp_config.loss_scaling_schedule:
             raise ValueError("mtp_config.loss_scaling_schedule is set: pass mtp_step=<training step> to forward")
@@ -337,7 +346,10 @@ def _packed_sequences(
     if packed_seq_params is None:
         return None
     if config.context_parallel_size > 1:
-        raise NotImplementedError("MTPGPTModel does not support packed sequences with context parallelism yet")
+        raise NotImplementedError(
+            "MTP with packed sequences (packed_seq_params) under context parallelism is not supported: "
+            f"context_parallel_size is {config.context_parallel_size}"
+        )
     sequences = PackedSequences.from_packed_seq_params(packed_seq_params)
     if token_ids is None:
         return sequences
@@ -363,8 +375,6 @@ def _check_configs(config, mtp_config, mtp_block_spec, max_sequence_length, posi
         raise ValueError("mtp_block_spec is required when MTP is enabled (see megatron_mtp.layers.get_mtp_block_spec)")
     if "mtp_block_spec" in gpt_kwargs:
         raise ValueError("pass mtp_block_spec from megatron_mtp.layers.get_mtp_block_spec, not Megatron-Core's")
-    if mtp_config.enabled and config.context_parallel_size > 1:
-        raise NotImplementedError("MTPGPTModel does not support context parallelism yet")
     if mtp_config.enabled and (config.virtual_pipeline_model_parallel_size or 1) > 1:
         raise NotImplementedError(
             "MTPGPTModel does not support virtual pipeline stages (interleaved 1F1B) yet: "

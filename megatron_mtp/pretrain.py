@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_mtp.compat import reset_moe_aux_loss_log
+from megatron_mtp.compat import batch_on_this_cp_rank, reset_moe_aux_loss_log
 from megatron_mtp.data.datasets import MicroBatchIterator, build_gpt_datasets
 from megatron_mtp.data.packing import as_packed_documents
 from megatron_mtp.data.stdlib_corpus import prepare_stdlib_corpus
@@ -68,7 +68,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     _print(
         f"training {sum(p.numel() for p in model.parameters()):,} parameters on this rank, "
         f"MTP {args.mtp_config.mode} D={args.mtp_config.num_layers}, world {dist.get_world_size()} "
-        f"(TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}, DP {runtime.data_parallel_size}), "
+        f"(TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}, CP {args.context_parallel_size}, "
+        f"DP {runtime.data_parallel_size}), "
         f"{runtime.global_batch_size} samples x {args.seq_length} tokens per step, {_precision(runtime)}, "
         f"gradient-accumulation fusion {'on' if config.gradient_accumulation_fusion else 'off'}, data {' '.join(data_path)}"
     )
@@ -170,6 +171,8 @@ def run_microbatches(model, batches: Iterator[Dict], runtime, args, stats, step:
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
+        # This context-parallel rank's two chunks of each sequence, as Megatron-LM's get_batch cuts them.
+        batch = batch_on_this_cp_rank(batch, parallel_state.get_context_parallel_group())
         output = model(
             batch["tokens"],
             batch["position_ids"],
@@ -205,11 +208,12 @@ def run_microbatches(model, batches: Iterator[Dict], runtime, args, stats, step:
 
 
 def reduce_metrics(reports: List[Dict], stats: MTPStats, device) -> Dict[str, float]:
-    """LM loss and MTP metrics summed over micro-batches and data-parallel ranks (last stage only)."""
+    """LM loss and MTP metrics summed over micro-batches and data- and context-parallel ranks (last stage only;
+    each context-parallel rank counts its own tokens)."""
     if not parallel_state.is_pipeline_last_stage():
         return {}
     totals = torch.stack([r["lm loss"] for r in reports]).sum(0).to(torch.float64).to(device)
-    group = parallel_state.get_data_parallel_group()
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     dist.all_reduce(totals, group=group)
     stats.all_reduce(group)
     return dict(lm_loss=(totals[0] / totals[1].clamp(min=1)).item(), **stats.summary())

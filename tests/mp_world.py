@@ -8,7 +8,9 @@ import torch
 import torch.multiprocessing as mp
 
 
-def run_world(fn, world_size: int, *args, tp: int = 1, pp: int = 1, ep: int = 1, timeout: float = 600.0):
+def run_world(
+    fn, world_size: int, *args, tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1, timeout: float = 600.0
+):
     """Spawn ``world_size`` ranks, each running ``fn(*args)`` after ``initialize_model_parallel``.
 
     ``fn`` must be importable (a module-level function). Returns the list of per-rank results.
@@ -20,7 +22,7 @@ def run_world(fn, world_size: int, *args, tp: int = 1, pp: int = 1, ep: int = 1,
         context = mp.get_context("spawn")
         port = free_port()
         procs = [
-            context.Process(target=_rank_main, args=(rank, world_size, port, tp, pp, ep, fn, args, result_dir))
+            context.Process(target=_rank_main, args=(rank, world_size, port, tp, pp, ep, cp, fn, args, result_dir))
             for rank in range(world_size)
         ]
         for proc in procs:
@@ -43,7 +45,7 @@ def run_world(fn, world_size: int, *args, tp: int = 1, pp: int = 1, ep: int = 1,
         return [torch.load(os.path.join(result_dir, f"{rank}.pt"), weights_only=False) for rank in range(world_size)]
 
 
-def _rank_main(rank, world_size, port, tp, pp, ep, fn, args, result_dir):
+def _rank_main(rank, world_size, port, tp, pp, ep, cp, fn, args, result_dir):
     try:
         import warnings
 
@@ -57,7 +59,10 @@ def _rank_main(rank, world_size, port, tp, pp, ep, fn, args, result_dir):
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
         )
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            context_parallel_size=cp,
         )
         cpu_bridge.manual_seed(1234)
         result = fn(*args)

@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import unwrap_model
 
 from megatron_mtp import cpu_bridge
+from megatron_mtp.compat import batch_on_this_cp_rank
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.layers import get_mtp_block_spec
 from megatron_mtp.loss import MTPStats
@@ -85,13 +86,22 @@ def transformer_config(
 
 
 def decoder_spec(config: TransformerConfig):
-    """This stage's decoder block spec (local modules), with norms that accept sequence parallelism."""
-    return cpu_bridge.with_sequence_parallel_norms(get_gpt_decoder_block_spec(config, use_transformer_engine=False))
+    """This stage's decoder block spec (local modules), made to run on CPU by :func:`for_cpu`."""
+    return for_cpu(get_gpt_decoder_block_spec(config, use_transformer_engine=False), config)
+
+
+def for_cpu(spec, config: TransformerConfig):
+    """``spec`` with the CPU bridge's stand-ins for what TE provides on GPU: norms that accept sequence
+    parallelism, and under context parallelism the all-gather core attention."""
+    spec = cpu_bridge.with_sequence_parallel_norms(spec)
+    if config.context_parallel_size > 1:
+        spec = cpu_bridge.with_context_parallel_attention(spec)
+    return spec
 
 
 def build_model(config: TransformerConfig, mtp: MTPConfig, tied: bool = False, position: str = "rope"):
     spec = decoder_spec(config)
-    mtp_spec = cpu_bridge.with_sequence_parallel_norms(get_mtp_block_spec(spec, mtp)) if mtp.enabled else None
+    mtp_spec = for_cpu(get_mtp_block_spec(spec, mtp), config) if mtp.enabled else None
     return MTPGPTModel(
         config,
         spec,
@@ -125,7 +135,7 @@ def build_megatron_core_model(config: TransformerConfig, tied: bool = False, pos
         spec,
         VOCAB,
         SEQ,
-        mtp_block_spec=cpu_bridge.with_sequence_parallel_norms(mtp_spec),
+        mtp_block_spec=for_cpu(mtp_spec, config),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=tied,
@@ -191,14 +201,22 @@ def make_batches(num_microbatches: int, seed: int = 0, fully_masked_microbatch: 
     return batches
 
 
-def train_step(model, config, batches: List[dict], stats: Optional[MTPStats] = None, mtp_step=None):
-    """One Megatron forward/backward over the micro-batches (1F1B under PP). Returns per-micro-batch LM loss.
+def train_step(
+    model, config, batches: List[dict], stats: Optional[MTPStats] = None, mtp_step=None, sequence_mean: bool = False
+):
+    """One Megatron forward/backward over the micro-batches (1F1B under PP). Returns per-micro-batch LM loss
+    reports [loss sum, tokens] (this rank's share under context parallelism).
 
-    ``model`` (DDP-wrapped) is ours or Megatron-Core's ``GPTModel``; ``stats`` and ``mtp_step`` are for ours."""
+    ``model`` (DDP-wrapped) is ours or Megatron-Core's ``GPTModel``; ``stats`` and ``mtp_step`` are for ours. Each
+    context-parallel rank gets its chunks of every sequence (Megatron-Core's ``get_batch_on_this_cp_rank``). The
+    loss is Megatron-LM's: each rank's masked mean (a sum with ``calculate_per_token_loss``); ``sequence_mean``:
+    the mean over the whole sequence's tokens (counted over the CP group) in Megatron-LM's two-value form, which
+    the schedule multiplies by the CP size and which equals one process's under CP."""
     mtp_kwargs = dict(mtp_stats=stats, mtp_step=mtp_step) if isinstance(unwrap_model(model), MTPGPTModel) else {}
+    cp_group = parallel_state.get_context_parallel_group()
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = batch_on_this_cp_rank(dict(next(data_iterator)), cp_group)
         output = model(
             batch["tokens"],
             batch["position_ids"],
@@ -211,8 +229,12 @@ def train_step(model, config, batches: List[dict], stats: Optional[MTPStats] = N
         def loss_func(per_token_loss):
             mask = batch["loss_mask"].float()
             loss_sum = (per_token_loss.float() * mask).sum()
-            tokens = mask.sum().to(torch.int)
-            return loss_sum, tokens, {"lm loss": torch.stack((loss_sum.detach(), mask.sum()))}
+            report = {"lm loss": torch.stack((loss_sum.detach(), mask.sum()))}
+            if not sequence_mean:
+                return loss_sum, mask.sum().to(torch.int), report
+            tokens = mask.sum()
+            torch.distributed.all_reduce(tokens, group=cp_group)
+            return loss_sum / tokens.clamp(min=1), report
 
         return output, loss_func
 

@@ -12,7 +12,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mtp.config import MTPConfig
-from megatron_mtp.layers.roll import PackedSequences, roll_left
+from megatron_mtp.layers.sequence_layout import SequenceLayout
 
 
 @dataclass
@@ -33,6 +33,7 @@ class MTPBlock(MegatronModule):
         super().__init__(config=config)
         self.mode = mtp_config.mode
         self.tp_group = pg_collection.tp
+        self.cp_group = getattr(pg_collection, "cp", None)
         self.layers = torch.nn.ModuleList(
             build_module(submodules.layer, config=config, depth=k, pg_collection=pg_collection, vp_stage=vp_stage)
             for k in range(1, mtp_config.num_layers + 1)
@@ -51,7 +52,8 @@ class MTPBlock(MegatronModule):
     ) -> List[torch.Tensor]:
         """
         Args:
-            hidden_states: h_0, the decoder's final-normed output, [s, b, h] ([s/tp, b, h] with SP).
+            hidden_states: h_0, the decoder's final-normed output, [s, b, h] ([s/tp, b, h] with SP; s is this
+                context-parallel rank's two chunks of the sequence under CP).
             token_embeddings: the embedding of the un-rolled input ids, shaped like ``hidden_states`` (sequential
                 depths only). Depth k reads it rolled left by k, the embedding of token t+k at position t.
             tail_embeddings: what depth k reads at the last k positions, past the sequence end, shaped like
@@ -81,10 +83,11 @@ class MTPBlock(MegatronModule):
                 token_embeddings, tensor_parallel_output_grad=False, group=self.tp_group
             )
             tail_embeddings = gather_from_sequence_parallel_region(tail_embeddings, group=self.tp_group)  # no grad
-        sequences = None if packed_seq_params is None else PackedSequences.from_packed_seq_params(packed_seq_params)
+        layout = SequenceLayout.of(packed_seq_params, self.cp_group)
+        depths = range(1, len(self.layers) + 1)
+        all_rolled = layout.rolls(token_embeddings, depths, dim=0, fill=tail_embeddings)
         previous = hidden_states
-        for depth, layer in enumerate(self.layers, start=1):
-            rolled = roll_left(token_embeddings, depth, dim=0, sequences=sequences, fill=tail_embeddings)
+        for layer, rolled in zip(self.layers, all_rolled, strict=True):
             if self.config.sequence_parallel:
                 rolled = scatter_to_sequence_parallel_region(rolled, group=self.tp_group)
             previous = layer(previous, rolled, attention_mask, **layer_kwargs)

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parallel.add_argument("--expert-model-parallel-size", type=int, default=1)
+    parallel.add_argument(
+        "--context-parallel-size", type=int, default=1,
+        help="Split every sequence over this many ranks in Megatron's load-balanced layout (2 chunks per rank).",
+    )
     for flag in ("--num-layers-per-virtual-pipeline-stage", "--num-virtual-stages-per-pipeline-rank"):
         parallel.add_argument(flag, type=int, default=None, help="Virtual pipeline stages: not supported yet (an error).")
     parallel.add_argument("--sequence-parallel", action="store_true")
@@ -211,7 +215,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     positive = ["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "train_iters",
                 "log_interval", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                "expert_model_parallel_size"]
+                "expert_model_parallel_size", "context_parallel_size"]
     if args.fp16:
         parser.error("--fp16 is not supported: fp16 needs loss scaling, which this script does not set up; use --bf16")
     if args.grad_reduce_in_bf16 and not args.bf16:
@@ -235,6 +239,13 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.sequence_parallel and args.seq_length % args.tensor_model_parallel_size:
         parser.error("--seq-length must be divisible by --tensor-model-parallel-size with --sequence-parallel")
+    if args.context_parallel_size > 1:
+        split = 2 * args.context_parallel_size * (args.tensor_model_parallel_size if args.sequence_parallel else 1)
+        if args.seq_length % split:
+            parser.error(
+                f"--seq-length {args.seq_length} must be divisible by {split}: 2 x --context-parallel-size"
+                + (" x --tensor-model-parallel-size (--sequence-parallel)" if args.sequence_parallel else "")
+            )
     if args.moe_per_layer_logging and not args.tensorboard_dir:
         parser.error("--moe-per-layer-logging writes to TensorBoard: give --tensorboard-dir")
     if args.expert_model_parallel_size > 1 and not args.num_experts:
@@ -248,6 +259,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             "--reset-attention-mask with MTP needs --eod-mask-loss: the label at each eod is the next document's "
             "first token, which the MTP depths would otherwise predict across the document boundary"
         )
+    if args.reset_attention_mask and args.context_parallel_size > 1:
+        parser.error("--reset-attention-mask (packed documents) with --context-parallel-size > 1 is not supported")
     if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
         parser.error("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH/tokenizer.json")
     if args.skip_train and args.eval_iters < 1:

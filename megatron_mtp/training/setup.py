@@ -47,16 +47,17 @@ def init_distributed(args: argparse.Namespace) -> Runtime:
         cpu_bridge.enable()
     dist.init_process_group("nccl" if device == "cuda" else "gloo")
     world = dist.get_world_size()
-    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
     if world % model_parallel:
         raise ValueError(
             f"world size {world} is not divisible by --tensor-model-parallel-size x --pipeline-model-parallel-size "
-            f"= {model_parallel}"
+            f"x --context-parallel-size = {model_parallel}"
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
     )
     if device == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
@@ -104,6 +105,7 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
+        context_parallel_size=args.context_parallel_size,
         bf16=runtime.bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -194,6 +196,9 @@ def _build_gpt_model(args: argparse.Namespace, config: TransformerConfig, vocab_
         if args.reset_attention_mask:  # packed documents
             block_spec = cpu_bridge.with_packed_attention(block_spec)
             mtp_spec = cpu_bridge.with_packed_attention(mtp_spec)
+        elif config.context_parallel_size > 1:
+            block_spec = cpu_bridge.with_context_parallel_attention(block_spec)
+            mtp_spec = cpu_bridge.with_context_parallel_attention(mtp_spec)
     return MTPGPTModel(
         config,
         block_spec,

@@ -84,8 +84,9 @@ def one_process_log(tiny_data, tmp_path_factory, initial_weights):
 
 @pytest.mark.parametrize(
     "parallel",
-    [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"], ["--use-distributed-optimizer"]],
-    ids=["tp2", "pp2", "dp2-distributed-optimizer"],
+    [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"], ["--use-distributed-optimizer"],
+     ["--context-parallel-size", "2"]],
+    ids=["tp2", "pp2", "dp2-distributed-optimizer", "cp2"],
 )
 def test_two_process_run_trains_like_one_process_and_saves(tiny_data, tmp_path, parallel, initial_weights, one_process_log):
     save = tmp_path / "ckpt"
@@ -160,8 +161,9 @@ def _kill_tree(pid):
         process.kill()
 
 
-def test_resume_after_kill_is_bit_exact(tiny_data, tmp_path):
-    common = ["--tensor-model-parallel-size", "2", "--train-iters", "12"]
+@pytest.mark.parametrize("parallel", [["--tensor-model-parallel-size", "2"], ["--context-parallel-size", "2"]], ids=["tp2", "cp2"])
+def test_resume_after_kill_is_bit_exact(tiny_data, tmp_path, parallel):
+    common = [*parallel, "--train-iters", "12"]
     run(2, [*common, "--json-log", str(tmp_path / "straight.jsonl")], tiny_data)
 
     save = tmp_path / "ckpt"
