@@ -6,7 +6,8 @@ of the whole sequence and attends from its own queries, whose natural positions 
 load-balanced layout (``layers/context_parallel.py``). The gather's backward reduce-scatters the key and value
 gradients, so each rank receives the sum over all ranks' queries for its own tokens. Every ``cp_comm_type``
 (p2p, a2a, their hierarchy) computes the same attention; this one communicates as ``all_gather`` whatever it
-is. ``cpu_bridge`` puts it into specs in place of ``DotProductAttention``
+is. Packed (THD) micro-batches attend causally within each document, whose tokens every rank holds two chunks
+of (``layers.context_parallel.thd_local_positions``). ``cpu_bridge`` puts it into specs in place of ``DotProductAttention``
 (:func:`megatron_mtp.cpu_bridge.with_context_parallel_attention`).
 """
 
@@ -65,21 +66,31 @@ class ContextParallelCoreAttention(MegatronModule):
         """
         Args:
             query: [s/cp, b, np, d]; key, value: [s/cp, b, ng, d] (this CP rank's two chunks; np heads of this
-                TP rank, ng key/value groups dividing np).
+                TP rank, ng key/value groups dividing np). Packed: [t/cp, np, d] and [t/cp, ng, d].
             attention_mask: not read; the mask is causal in natural positions, as TE's causal attention.
+            packed_seq_params: qkv_format 'thd' with the global (padded) cu_seqlens; None: one sequence per row.
         Returns:
-            context: [s/cp, b, np * d].
+            context: [s/cp, b, np * d] ([t/cp, 1, np * d] packed).
         """
+        boundaries = None
         if packed_seq_params is not None:
-            raise NotImplementedError("ContextParallelCoreAttention does not support packed sequences")
+            if packed_seq_params.qkv_format != "thd":
+                raise ValueError(f"packed attention needs qkv_format 'thd', got {packed_seq_params.qkv_format!r}")
+            boundaries = packed_seq_params.cu_seqlens_q_padded
+            if boundaries is None:
+                boundaries = packed_seq_params.cu_seqlens_q
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         if attention_bias is not None:
             raise NotImplementedError("ContextParallelCoreAttention does not support an attention bias")
         if attn_mask_type not in (None, AttnMaskType.causal):
             raise NotImplementedError(f"ContextParallelCoreAttention supports causal masks only, not {attn_mask_type}")
-        key = to_natural_order(key, self.cp_group)  # [s, b, ng, d]
-        value = to_natural_order(value, self.cp_group)
-        query_positions = local_positions(query.shape[0], self.cp_group, query.device)
+        key = to_natural_order(key, self.cp_group, 0, boundaries)  # [s, b, ng, d]
+        value = to_natural_order(value, self.cp_group, 0, boundaries)
+        query_positions = local_positions(query.shape[0], self.cp_group, query.device, boundaries)
         key_positions = torch.arange(key.shape[0], device=query.device)
         allowed = key_positions[None, :] <= query_positions[:, None]  # [s/cp, s]
+        if boundaries is not None:  # and within one document
+            document = torch.bucketize(key_positions, boundaries[1:].long().to(query.device), right=True)  # [s]
+            allowed = allowed & (document[None, :] == document[query_positions][:, None])
         dropout_p = self.dropout_p if self.training else 0.0
         return attend(query, key, value, allowed, False, dropout_p, self.softmax_scale, self.config)

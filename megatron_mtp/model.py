@@ -150,17 +150,18 @@ class MTPGPTModel(GPTModel):
         Args (beyond ``GPTModel.forward``'s, which include ``loss_mask`` and ``padding_mask``):
             input_ids, position_ids, labels, loss_mask: [b, s]; the last stage needs them all for MTP.
             packed_seq_params: Megatron-Core's THD layout ([1, t] inputs, documents given by cu_seqlens): MTP
-                depths roll within each document (``layers/roll.py``); context parallelism not yet.
+                depths roll within each document (``layers/sequence_layout.py``), also under context parallelism
+                (cu_seqlens global, each rank's tokens cut by ``layers.context_parallel.thd_local_positions``).
             mtp_stats: receives this micro-batch's per-depth counts (also computes acceptance metrics).
             mtp_step: training step, selects lambda when ``mtp_config.loss_scaling_schedule`` is set.
             compute_mtp: run MTP (default: in training mode, when labels are given).
         Returns:
             labels given: per-token next-token loss [b, s]; else logits [b, s, V] (V/tp unless gathered).
         """
-        sequences = None
+        layout = SequenceLayout(cp_group=self._cp_group)
         if self.mtp_config.enabled:
-            sequences = _packed_sequences(packed_seq_params, labels if labels is not None else input_ids, self.config)
-        layout = SequenceLayout(sequences, self._cp_group)
+            layout = SequenceLayout.of(packed_seq_params, self._cp_group)
+            _check_packed_ids(layout.sequences, labels if labels is not None else input_ids, self.config)
         self._mtp_call = _MTPCall(mtp_stats, mtp_step, compute_mtp, decoder_input is not None, layout)
         try:
             return super().forward(
@@ -338,27 +339,17 @@ class MTPGPTModel(GPTModel):
             raise ValueError("mtp_config.loss_scaling_schedule is set: pass mtp_step=<training step> to forward")
 
 
-def _packed_sequences(
-    packed_seq_params, token_ids: Optional[Tensor], config: TransformerConfig
-) -> Optional[PackedSequences]:
-    """The documents of a packed micro-batch (Megatron-Core's THD layout: token_ids [1, t], labels or input ids
-    where this stage has them), or None unpacked."""
-    if packed_seq_params is None:
-        return None
-    if config.context_parallel_size > 1:
-        raise NotImplementedError(
-            "MTP with packed sequences (packed_seq_params) under context parallelism is not supported: "
-            f"context_parallel_size is {config.context_parallel_size}"
-        )
-    sequences = PackedSequences.from_packed_seq_params(packed_seq_params)
-    if token_ids is None:
-        return sequences
+def _check_packed_ids(sequences: Optional[PackedSequences], token_ids: Optional[Tensor], config) -> None:
+    """A packed micro-batch (Megatron-Core's THD layout) has token_ids [1, t / cp] (labels or input ids where this
+    stage has them) covering its documents."""
+    if sequences is None or token_ids is None:
+        return
     if token_ids.shape[0] != 1:
         raise ValueError(f"packed sequences (THD) need micro-batch size 1, got token ids {tuple(token_ids.shape)}")
     last_end = int((sequences.starts + sequences.lengths).max()) if sequences.lengths.numel() else 0
-    if last_end > token_ids.shape[-1]:
-        raise ValueError(f"cu_seqlens describe {last_end} positions but the micro-batch has {token_ids.shape[-1]}")
-    return sequences
+    positions = token_ids.shape[-1] * config.context_parallel_size
+    if last_end > positions:
+        raise ValueError(f"cu_seqlens describe {last_end} positions but the micro-batch has {positions}")
 
 
 def _check_configs(config, mtp_config, mtp_block_spec, max_sequence_length, position_embedding_type, gpt_kwargs):

@@ -2,8 +2,10 @@
 
 Two things change where token t + k lies relative to token t: packed documents (Megatron-Core's THD layout, the
 roll stays within each document) and context parallelism (the sequence is split over CP ranks in Megatron's
-load-balanced order, the roll crosses chunks and ranks). ``SequenceLayout`` describes both, so every MTP call
-site (the block's embedding roll, the loss's labels and mask, the metrics, the latent targets) takes one argument.
+load-balanced order, the roll crosses chunks and ranks; packed documents are each split that way). Under both
+the roll gathers the whole packed row over CP, rolls within documents and keeps this rank's chunks of each
+document. ``SequenceLayout`` describes both, so every MTP call site (the block's embedding roll, the loss's
+labels and mask, the metrics, the latent targets) takes one argument.
 """
 
 from dataclasses import dataclass
@@ -23,22 +25,21 @@ class SequenceLayout:
     Attributes:
         sequences: the documents of a packed (THD, b=1) micro-batch; None: the whole dimension is one sequence.
         cp_group: the context-parallel group; None or size 1: this rank holds the whole sequence.
+        cu_seqlens_padded: [n + 1] the packed documents' (padded) boundaries, along which CP splits them.
     """
 
     sequences: Optional[PackedSequences] = None
     cp_group: Optional[dist.ProcessGroup] = None
-
-    def __post_init__(self):
-        if self.sequences is not None and self.context_parallel:
-            raise NotImplementedError(
-                f"MTP with packed sequences under context parallelism (size {cp_size(self.cp_group)}) is not supported"
-            )
+    cu_seqlens_padded: Optional[torch.Tensor] = None
 
     @classmethod
     def of(cls, packed_seq_params, cp_group: Optional[dist.ProcessGroup] = None) -> "SequenceLayout":
-        """From Megatron-Core's ``PackedSeqParams`` (None: unpacked) and the CP group."""
-        sequences = None if packed_seq_params is None else PackedSequences.from_packed_seq_params(packed_seq_params)
-        return cls(sequences, cp_group)
+        """From Megatron-Core's ``PackedSeqParams`` (None: unpacked; global cu_seqlens under CP) and the CP group."""
+        if packed_seq_params is None:
+            return cls(None, cp_group)
+        sequences = PackedSequences.from_packed_seq_params(packed_seq_params)
+        padded = packed_seq_params.cu_seqlens_q_padded
+        return cls(sequences, cp_group, packed_seq_params.cu_seqlens_q if padded is None else padded)
 
     @property
     def context_parallel(self) -> bool:
@@ -70,7 +71,8 @@ class SequenceLayout:
                 yield roll_left(tensor, depth, dim, self.sequences, fill)
             return
         dim = dim % tensor.dim()
-        natural = to_natural_order(tensor, self.cp_group, dim)
-        natural_fill = None if fill is None else to_natural_order(fill, self.cp_group, dim)
+        natural = to_natural_order(tensor, self.cp_group, dim, self.cu_seqlens_padded)
+        natural_fill = None if fill is None else to_natural_order(fill, self.cp_group, dim, self.cu_seqlens_padded)
         for depth in depths:
-            yield to_local_chunks(roll_left(natural, depth, dim, self.sequences, natural_fill), self.cp_group, dim)
+            rolled = roll_left(natural, depth, dim, self.sequences, natural_fill)
+            yield to_local_chunks(rolled, self.cp_group, dim, self.cu_seqlens_padded)

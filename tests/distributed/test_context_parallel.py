@@ -12,11 +12,9 @@ per-depth losses next to the one-process values (upstream issue NVIDIA/Megatron-
 under-scaled by the CP size); only ours is asserted.
 """
 
-import pytest
 import torch
 
 from megatron.core import parallel_state
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 from megatron_mtp.compat import megatron_core_mtp_logged_losses
@@ -190,11 +188,3 @@ def test_megatron_core_mtp_at_context_parallel_2_next_to_ours(single_process):
         torch.testing.assert_close(ours["depth_losses"].float(), truth["depth_losses"], atol=1e-5, rtol=0)
         assert true_norm > 0
 
-
-def test_packed_sequences_under_context_parallelism_are_refused(single_process):
-    mtp = MTPConfig(num_layers=DEPTHS)
-    model = build_model(transformer_config(mtp, context_parallel_size=2), mtp)
-    batch = make_batches(1)[0]
-    with pytest.raises(NotImplementedError, match="packed sequences .* under context parallelism"):
-        model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"],
-              packed_seq_params=PackedSeqParams(qkv_format="thd"))

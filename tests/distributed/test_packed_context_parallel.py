@@ -1,0 +1,145 @@
+"""A packed (THD) micro-batch at CP=2 gives one process's packed LM loss, per-depth MTP counts and every gradient
+(fp32, per-token loss, Megatron DDP and schedule), both MTP modes in one spawned world.
+
+Each CP rank holds chunks r and 3 - r of every (padded) document (``thd_local_positions``, Megatron-LM's THD
+split); ``packed_seq_params`` keep the global cu_seqlens. Document 0 has no padding, so its boundary with
+document 1 is a CP chunk boundary and its last tokens' rolled targets would cross into document 1; document 1
+is padded; document 2 is shorter than D + 1 (no depth-2 target); a masked token sits at a chunk boundary.
+"""
+
+from typing import List, Optional
+
+import pytest
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_mtp import cpu_bridge
+from megatron_mtp.config import MTPConfig
+from megatron_mtp.layers import get_mtp_block_spec
+from megatron_mtp.layers.context_parallel import thd_local_positions
+from megatron_mtp.loss import MTPStats
+from megatron_mtp.model import MTPGPTModel
+from mp_world import run_world
+from packed_batches import forward, packed_seq_params
+from tiny import SEQ, VOCAB, decoder_spec, global_names, grad_of, load_full_state, max_grad_diffs, transformer_config
+from tiny import wrap_ddp
+
+MODES = ["sequential", "parallel"]
+LENGTHS = [8, 5, 2, 7]
+PADDED_LENGTHS = [8, 8, 4, 8]  # each divisible by 2 x CP = 4; 28 positions, 14 per rank
+
+
+def _packed_batch() -> dict:
+    """The documents back to back in one row [1, 28], each followed by its padding; labels within documents."""
+    generator = torch.Generator().manual_seed(0)
+    total = sum(PADDED_LENGTHS)
+    batch = dict(
+        tokens=torch.zeros(1, total, dtype=torch.long),
+        labels=torch.zeros(1, total, dtype=torch.long),
+        loss_mask=torch.zeros(1, total),
+        position_ids=torch.zeros(1, total, dtype=torch.long),
+        attention_mask=None,
+    )
+    start = 0
+    for length, slot in zip(LENGTHS, PADDED_LENGTHS):
+        stream = torch.randint(1, VOCAB, (length + 1,), generator=generator)
+        batch["tokens"][0, start : start + length] = stream[:-1]
+        batch["labels"][0, start : start + length] = stream[1:]
+        batch["loss_mask"][0, start : start + length] = 1
+        batch["position_ids"][0, start : start + length] = torch.arange(length)
+        start += slot
+    batch["loss_mask"][0, 4] = 0  # at the boundary of document 0's chunks 1 and 2 (ranks 1 and 0)
+    batch["packed_seq_params"] = packed_seq_params(LENGTHS, PADDED_LENGTHS)
+    return batch
+
+
+def _this_rank(batch: dict) -> dict:
+    """This CP rank's tokens of every document (the cut Megatron-LM makes with TE's thd_get_partitioned_indices)."""
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp == 1:
+        return batch
+    boundaries = batch["packed_seq_params"].cu_seqlens_q_padded
+    positions = thd_local_positions(boundaries, cp, parallel_state.get_context_parallel_rank())
+    cut = {key: batch[key].index_select(1, positions) for key in ("tokens", "labels", "loss_mask", "position_ids")}
+    return dict(batch, **cut)
+
+
+def _model(mode: str, cp: int):
+    mtp = MTPConfig(num_layers=2, mode=mode)
+    config = transformer_config(mtp, num_layers=2, context_parallel_size=cp, calculate_per_token_loss=True)
+    spec = decoder_spec(config)  # CP=2: the all-gather CP attention, which takes packed documents
+    if cp == 1:
+        spec = cpu_bridge.with_packed_attention(spec)
+    mtp_spec = get_mtp_block_spec(spec, mtp)
+    model = MTPGPTModel(
+        config, spec, VOCAB, SEQ, mtp_config=mtp, mtp_block_spec=mtp_spec, position_embedding_type="rope"
+    )
+    return model, config
+
+
+def _train_step(model, stats: MTPStats) -> torch.Tensor:
+    """One forward/backward of this rank's share of the packed batch; returns [LM loss sum, tokens] (this rank's)."""
+    batch = _this_rank(_packed_batch())
+
+    def forward_step(data_iterator, model):
+        output = forward(model, next(data_iterator), mtp_stats=stats)
+
+        def loss_func(per_token_loss):
+            loss_sum = (per_token_loss * batch["loss_mask"]).sum()
+            tokens = batch["loss_mask"].sum()
+            return loss_sum, tokens.to(torch.int), {"lm loss": torch.stack((loss_sum.detach(), tokens))}
+
+        return output, loss_func
+
+    model.zero_grad_buffer()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([batch]), model=[model], num_microbatches=1,
+        seq_length=batch["tokens"].shape[1], micro_batch_size=1, forward_only=False,
+    )
+    return reports[0]["lm loss"]
+
+
+def _run_mode(mode: str, reference: Optional[dict] = None) -> dict:
+    """This rank's loss, MTP counts (summed over CP) and gradients (reference None) or their differences."""
+    cp = parallel_state.get_context_parallel_world_size()
+    model, config = _model(mode, cp)
+    if reference is not None:
+        load_full_state(model, reference["weights"])
+    model = wrap_ddp(model, config)
+    weights = {name: param.detach().clone() for name, param in global_names(model).items()}
+    stats = MTPStats(2)
+    loss = _train_step(model, stats)
+    stats.all_reduce(parallel_state.get_data_parallel_group(with_context_parallel=True))
+    result = dict(loss=loss, stats=stats.values)
+    if reference is None:
+        grads = {name: grad_of(param).clone() for name, param in global_names(model).items()}
+        return dict(result, weights=weights, grads=grads)
+    return dict(result, grad_diffs=max_grad_diffs(model, reference["grads"]))
+
+
+def _parallel_runs(references: List[dict]):
+    return [_run_mode(mode, reference) for mode, reference in zip(MODES, references, strict=True)]
+
+
+def test_packed_batch_at_cp2_equals_one_process(single_process):
+    references = [_run_mode(mode) for mode in MODES]
+    rank_results = run_world(_parallel_runs, 2, references, cp=2)
+    for index, (mode, reference) in enumerate(zip(MODES, references, strict=True)):
+        summed = sum(results[index]["loss"] for results in rank_results)
+        torch.testing.assert_close(summed, reference["loss"], atol=1e-5, rtol=0, msg=mode)
+        depth_tokens = reference["stats"][:, 1].tolist()
+        assert depth_tokens == [17.0, 13.0], f"{mode}: in-document targets per depth {depth_tokens}"
+        for rank, results in enumerate(rank_results):
+            torch.testing.assert_close(results[index]["stats"], reference["stats"], atol=1e-5, rtol=0, msg=mode)
+            bad = {name: diff for name, diff in results[index]["grad_diffs"].items() if not diff <= 1e-5}
+            assert not bad, f"{mode}, rank {rank}: gradients differ from one process: {bad}"
+
+
+def test_each_cp_rank_holds_two_chunks_of_every_document():
+    boundaries = torch.tensor([0, 4, 12])
+    assert thd_local_positions(boundaries, 2, 0).tolist() == [0, 3, 4, 5, 10, 11]
+    assert thd_local_positions(boundaries, 2, 1).tolist() == [1, 2, 6, 7, 8, 9]
+    with pytest.raises(ValueError, match=r"padded length must be divisible by 4"):
+        thd_local_positions(torch.tensor([0, 4, 10]), 2, 0)
