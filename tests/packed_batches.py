@@ -9,6 +9,7 @@ from typing import List, Optional
 import torch
 
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_mtp.data.packing import document_boundaries
 
@@ -110,3 +111,25 @@ def forward(model, batch: dict, **mtp_kwargs) -> torch.Tensor:
         packed_seq_params=batch["packed_seq_params"],
         **mtp_kwargs,
     )
+
+
+def train_step(model, batch: dict, **mtp_kwargs) -> torch.Tensor:
+    """One forward/backward of one packed micro-batch (this rank's share) through Megatron's schedule, per-token
+    loss form; returns this rank's [LM loss sum, tokens]."""
+
+    def forward_step(data_iterator, model):
+        output = forward(model, next(data_iterator), **mtp_kwargs)
+
+        def loss_func(per_token_loss):
+            loss_sum = (per_token_loss * batch["loss_mask"]).sum()
+            tokens = batch["loss_mask"].sum()
+            return loss_sum, tokens.to(torch.int), {"lm loss": torch.stack((loss_sum.detach(), tokens))}
+
+        return output, loss_func
+
+    model.zero_grad_buffer()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([batch]), model=[model], num_microbatches=1,
+        seq_length=batch["tokens"].shape[1], micro_batch_size=1, forward_only=False,
+    )
+    return reports[0]["lm loss"]

@@ -21,7 +21,6 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 from megatron_mtp import cpu_bridge
@@ -32,7 +31,7 @@ from megatron_mtp.layers.context_parallel import thd_local_positions
 from megatron_mtp.loss import MTPStats
 from megatron_mtp.model import MTPGPTModel
 from mp_world import run_world
-from packed_batches import forward, packed_seq_params
+from packed_batches import packed_seq_params, train_step
 from tiny import SEQ, VOCAB, decoder_spec, global_names, grad_of, load_full_state
 from tiny import max_grad_diffs, transformer_config, wrap_ddp
 
@@ -89,28 +88,6 @@ def _model(mode: str, cp: int):
     return model, config
 
 
-def _train_step(model, **mtp_kwargs) -> torch.Tensor:
-    """One forward/backward of this rank's share of the packed batch; returns [LM loss sum, tokens] (this rank's)."""
-    batch = _this_rank(_packed_batch())
-
-    def forward_step(data_iterator, model):
-        output = forward(model, next(data_iterator), **mtp_kwargs)
-
-        def loss_func(per_token_loss):
-            loss_sum = (per_token_loss * batch["loss_mask"]).sum()
-            tokens = batch["loss_mask"].sum()
-            return loss_sum, tokens.to(torch.int), {"lm loss": torch.stack((loss_sum.detach(), tokens))}
-
-        return output, loss_func
-
-    model.zero_grad_buffer()
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([batch]), model=[model], num_microbatches=1,
-        seq_length=batch["tokens"].shape[1], micro_batch_size=1, forward_only=False,
-    )
-    return reports[0]["lm loss"]
-
-
 def _run_mode(mode: str, reference: Optional[dict] = None) -> dict:
     """This rank's loss, MTP counts (summed over CP) and gradients (reference None) or their differences."""
     cp = parallel_state.get_context_parallel_world_size()
@@ -120,7 +97,7 @@ def _run_mode(mode: str, reference: Optional[dict] = None) -> dict:
     model = wrap_ddp(model, config)
     weights = {name: param.detach().clone() for name, param in global_names(model).items()}
     stats = MTPStats(2)
-    loss = _train_step(model, mtp_stats=stats)
+    loss = train_step(model, _this_rank(_packed_batch()), mtp_stats=stats)
     stats.all_reduce(parallel_state.get_data_parallel_group(with_context_parallel=True))
     result = dict(loss=loss, stats=stats.values)
     if reference is None:
@@ -171,7 +148,7 @@ def _megatron_core_and_ours(weights: dict, labels=("megatron_core", "ours")) -> 
         MTPLossLoggingHelper.tracker.clear()
         stats = MTPStats(2)
         try:
-            _train_step(model, **(dict(mtp_stats=stats) if label == "ours" else {}))
+            train_step(model, _this_rank(_packed_batch()), **(dict(mtp_stats=stats) if label == "ours" else {}))
         except Exception as error:  # reported, not asserted: Megatron-Core's own MTP
             where = traceback.extract_tb(error.__traceback__)[-1]
             out[label] = f"fails: {type(error).__name__}: {str(error)[:200]} at {where.filename}:{where.lineno}"

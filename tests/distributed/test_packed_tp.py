@@ -6,7 +6,6 @@ from typing import Optional
 import torch
 
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_mtp import cpu_bridge
 from megatron_mtp.config import MTPConfig
@@ -14,7 +13,7 @@ from megatron_mtp.layers import get_mtp_block_spec
 from megatron_mtp.loss import MTPStats
 from megatron_mtp.model import MTPGPTModel
 from mp_world import run_world
-from packed_batches import documents, forward, packed_batch
+from packed_batches import documents, packed_batch, train_step
 from tiny import (
     SEQ, VOCAB, decoder_spec, global_names, grad_of, load_full_state, max_grad_diffs, transformer_config, wrap_ddp,
 )
@@ -33,28 +32,6 @@ def _model(mode: str, tp: int):
     return model, config
 
 
-def _train_step(model, stats: MTPStats) -> torch.Tensor:
-    """One forward/backward of the packed batch through Megatron's schedule; returns [LM loss sum, tokens]."""
-    batch = packed_batch(documents())
-
-    def forward_step(data_iterator, model):
-        output = forward(model, next(data_iterator), mtp_stats=stats)
-
-        def loss_func(per_token_loss):
-            loss_sum = (per_token_loss * batch["loss_mask"]).sum()
-            tokens = batch["loss_mask"].sum()
-            return loss_sum, tokens.to(torch.int), {"lm loss": torch.stack((loss_sum.detach(), tokens))}
-
-        return output, loss_func
-
-    model.zero_grad_buffer()
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([batch]), model=[model], num_microbatches=1,
-        seq_length=batch["tokens"].shape[1], micro_batch_size=1, forward_only=False,
-    )
-    return reports[0]["lm loss"]
-
-
 def _run_mode(mode: str, reference: Optional[dict] = None) -> dict:
     """This rank's loss, MTP counts and gradients (reference: None) or gradient differences from ``reference``."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -64,7 +41,7 @@ def _run_mode(mode: str, reference: Optional[dict] = None) -> dict:
     model = wrap_ddp(model, config)
     weights = {name: param.detach().clone() for name, param in global_names(model).items()}
     stats = MTPStats(2)
-    loss = _train_step(model, stats)
+    loss = train_step(model, packed_batch(documents()), mtp_stats=stats)
     result = dict(loss=loss, stats=stats.values)
     if reference is None:
         grads = {name: grad_of(param).clone() for name, param in global_names(model).items()}
