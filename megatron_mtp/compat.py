@@ -30,13 +30,16 @@ No other module looks at Megatron-Core's version. What differs:
   0.16; ``megatron_mtp.hybrid`` builds on it and asks :func:`require_hybrid_model` first;
 - the word embedding's weight: 0.19 can shard it beyond tensor parallelism and gather it in each forward
   (``gtp_remat`` groups); the fused lookup of ``layers/embedding_grad.py`` then leaves the lookup to Megatron-Core;
+- ``megatron.core.utils.get_batch_on_this_cp_rank`` (a batch cut to a context-parallel rank's chunks): the batch
+  and an optional group up to 0.16; 0.19 adds a required ``is_hybrid_cp`` (and needs the group);
 - the extra keyword arguments ``GPTModel`` passes to ``_postprocess`` (``padding_mask`` and output processors in
   0.18+): the model takes them by keyword and hands them on unchanged, so nothing here needs to know.
 """
 
 import importlib.util
+import inspect
 import os
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from megatron.core import __version__ as _megatron_core_version
@@ -49,6 +52,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.utils import get_batch_on_this_cp_rank
 from packaging.version import Version
 
 MEGATRON_CORE_VERSION = Version(_megatron_core_version)
@@ -219,3 +223,14 @@ def report_moe_aux_losses(
 def embedding_weight_gathered_per_forward(embedding: torch.nn.Module) -> bool:
     """Whether a ``VocabParallelEmbedding`` gathers its weight in each forward (0.19's ``gtp_remat_size`` > 1)."""
     return getattr(embedding, "gtp_remat_size", 1) > 1
+
+
+_CP_BATCH_HYBRID_FLAG = "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters
+
+
+def batch_on_this_cp_rank(batch: Dict[str, Any], cp_group) -> Dict[str, Any]:
+    """Megatron-Core's cut of ``batch`` ([b, s] tensors, an attention mask [b, 1, s, s]) to this context-parallel
+    rank's two chunks of the sequence (load-balanced; see ``layers/context_parallel.py``)."""
+    if _CP_BATCH_HYBRID_FLAG:
+        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=cp_group)
+    return get_batch_on_this_cp_rank(batch, cp_group=cp_group)

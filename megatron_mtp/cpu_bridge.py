@@ -7,7 +7,9 @@ tracker, streams and ``torch.cuda.synchronize()``. Rather than patching each cal
 * makes ``torch.cuda.current_device()`` return the CPU device, which covers allocations in autograd
   backward functions too (torch function modes are not active there);
 * installs a ``TorchFunctionMode`` that sends the remaining CUDA device requests (``device="cuda"``,
-  ``.cuda()``, ``.to("cuda")``) to the CPU, and names CPU tensors' types as CUDA types;
+  ``.cuda()``, ``.to("cuda")``) to the CPU, drops requests for pinned memory (there is no pinned allocator
+  without an accelerator; Megatron's context-parallel RoPE slicing asks for it), and names CPU tensors' types as
+  CUDA types;
 * makes ``torch.cuda.synchronize/empty_cache`` and the stream API harmless;
 * replaces the model-parallel RNG tracker with one that forks the CPU generator;
 * defines ``moe_utils.te_general_gemm`` (None) that the MoE router uses unguarded without TE;
@@ -19,7 +21,11 @@ tracker, streams and ``torch.cuda.synchronize()``. Rather than patching each cal
 * builds ``HybridStack``'s final norm (TransformerEngine's ``TENorm`` there in every spec) as a
   :class:`SequenceParallelNorm` where Megatron-Core has ``HybridModel``;
 * offers :class:`SequenceParallelNorm` and :func:`with_sequence_parallel_norms` because Megatron's
-  torch norm refuses sequence parallelism (TE or apex provide that norm on GPU).
+  torch norm refuses sequence parallelism (TE or apex provide that norm on GPU);
+* offers :func:`with_packed_attention` because Megatron's local core attention refuses packed (THD)
+  micro-batches (TE or flash-attention take them on GPU);
+* offers :func:`with_context_parallel_attention` because Megatron's local core attention refuses context
+  parallelism (TE's attention implements it on GPU).
 
 It is enabled explicitly with :func:`enable` and refuses to run where CUDA is available.
 """
@@ -35,10 +41,12 @@ from torch.overrides import TorchFunctionMode
 
 from megatron.core.tensor_parallel import layers as mcore_layers
 from megatron.core.tensor_parallel import random as mcore_random
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe import moe_utils, token_dispatcher
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron_mtp import compat
+from megatron_mtp.cpu_packed_attention import PackedSDPACoreAttention
 
 _state = threading.local()
 _CPU = torch.device("cpu")
@@ -67,6 +75,8 @@ class _CudaToCpu(TorchFunctionMode):
             return func(*args).replace("torch.", "torch.cuda.", 1)
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
@@ -271,13 +281,32 @@ def with_sequence_parallel_norms(spec):
 
     Works on any spec tree (layer specs, block submodules, the MTP block spec); the input is not modified.
     """
-    if spec is WrappedTorchNorm:
-        return SequenceParallelNorm
+    return _substituted(spec, WrappedTorchNorm, SequenceParallelNorm)
+
+
+def with_packed_attention(spec):
+    """Return ``spec`` with Megatron's local ``DotProductAttention`` replaced by a core attention that also takes
+    ``packed_seq_params`` (see ``cpu_packed_attention``); any spec tree, the input is not modified."""
+    return _substituted(spec, DotProductAttention, PackedSDPACoreAttention)
+
+
+def with_context_parallel_attention(spec):
+    """Return ``spec`` with Megatron's local ``DotProductAttention`` replaced by the all-gather context-parallel
+    attention of :mod:`megatron_mtp.cpu_cp_attention` (any spec tree, as :func:`with_sequence_parallel_norms`)."""
+    from megatron_mtp.cpu_cp_attention import ContextParallelCoreAttention
+
+    return _substituted(spec, DotProductAttention, ContextParallelCoreAttention)
+
+
+def _substituted(spec, old: type, new: type):
+    """``spec`` with every occurrence of the class ``old`` replaced by ``new``; the input is not modified."""
+    if spec is old:
+        return new
     if isinstance(spec, (list, tuple)):
-        return type(spec)(with_sequence_parallel_norms(s) for s in spec)
+        return type(spec)(_substituted(s, old, new) for s in spec)
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
         return dataclasses.replace(
             spec,
-            **{f.name: with_sequence_parallel_norms(getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.init},
+            **{f.name: _substituted(getattr(spec, f.name), old, new) for f in dataclasses.fields(spec) if f.init},
         )
     return spec

@@ -34,6 +34,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.layers.embedding_grad import fuse_embedding_weight_grad
+from megatron_mtp.layers.roll import PackedSequences
+from megatron_mtp.layers.sequence_layout import SequenceLayout
 from megatron_mtp.loss.chunked import chunked, chunked_token_loss
 from megatron_mtp.loss.latent import LatentTargets
 from megatron_mtp.loss.metrics import MTPStats, count_main_agreement, vocab_parallel_argmax
@@ -47,6 +49,7 @@ class _MTPCall(NamedTuple):
     step: Optional[int] = None
     compute_mtp: Optional[bool] = None
     decoder_input_given: bool = False  # the caller's own decoder input, not the embedding of input_ids
+    layout: SequenceLayout = SequenceLayout()  # packed documents and CP group of this micro-batch
 
 
 class MTPModelMixin:
@@ -154,8 +157,11 @@ class MTPModelMixin:
         if not run_mtp:
             return output
         if call.stats is not None:
-            call.stats.add(count_main_agreement(mtp_result.stats, mtp_result.predictions, main_predictions, loss_mask))
-        return inject_mtp_loss(output, mtp_result.term, loss_mask, self.config.calculate_per_token_loss)
+            agreement = count_main_agreement(
+                mtp_result.stats, mtp_result.predictions, main_predictions, loss_mask, call.layout
+            )
+            call.stats.add(agreement)
+        return inject_mtp_loss(output, mtp_result.term, loss_mask, self.config.calculate_per_token_loss, self._cp_group)
 
     def _chunks_main_loss(self, hidden_states: Tensor, kwargs: dict) -> bool:
         """Whether the main per-token loss comes from ``chunked_token_loss`` instead of ``GPTModel._postprocess``.
@@ -195,7 +201,7 @@ class MTPModelMixin:
         """
         labels, loss_mask = kwargs["labels"], kwargs["loss_mask"]
         input_ids, position_ids = kwargs.get("input_ids"), kwargs.get("position_ids")
-        self._check_mtp_inputs(input_ids, labels, loss_mask, kwargs.get("packed_seq_params"), call.step)
+        self._check_mtp_inputs(input_ids, labels, loss_mask, call.step)
         depth_hidden_states = self.mtp(
             hidden_states,
             kwargs.get("attention_mask"),
@@ -203,6 +209,7 @@ class MTPModelMixin:
             rotary_pos_emb=kwargs.get("rotary_pos_emb"),
             rotary_pos_cos=kwargs.get("rotary_pos_cos"),
             rotary_pos_sin=kwargs.get("rotary_pos_sin"),
+            packed_seq_params=kwargs.get("packed_seq_params"),
         )
         config = self.mtp_config
         return mtp_loss(
@@ -214,9 +221,25 @@ class MTPModelMixin:
             loss_scale=config.loss_scaling_factor if call.step is None else config.loss_scale_at(call.step),
             per_token_loss=self.config.calculate_per_token_loss,
             depth_loss=self._depth_loss(),
-            latent_targets=self._latent_targets(hidden_states) if config.latent_losses else None,
+            latent_targets=self._latent_targets(hidden_states, call) if config.latent_losses else None,
             want_stats=call.stats is not None,
+            layout=call.layout,
         )
+
+    def _new_mtp_call(self, stats, step, compute_mtp, decoder_input, packed_seq_params, token_ids) -> _MTPCall:
+        """The MTP options of one forward call (``MTPGPTModel.forward``'s arguments); ``token_ids``: labels, or the
+        input ids where this stage has no labels, checked against a packed micro-batch's documents."""
+        layout = SequenceLayout(cp_group=self._cp_group)
+        if self.mtp_config.enabled:
+            layout = SequenceLayout.of(packed_seq_params, self._cp_group)
+            _check_packed_ids(layout.sequences, token_ids, self.config)
+        return _MTPCall(stats, step, compute_mtp, decoder_input is not None, layout)
+
+    @property
+    def _cp_group(self):
+        """The context-parallel group: under CP the sequence is split in Megatron's load-balanced layout, and MTP
+        rolls tokens across it (``layers/context_parallel.py``)."""
+        return self.pg_collection.cp
 
     def _token_embeddings(self, call: _MTPCall, input_ids, position_ids, decoder_input) -> dict:
         """Sequential MTP's token embeddings [s, b, h] (see ``MTPBlock.forward``): on the first stage the decoder's
@@ -240,7 +263,7 @@ class MTPModelMixin:
         recompute = self.mtp_config.loss_recompute_logits
         return chunked(self.mtp_config.loss_chunk_size, grad_in_forward=None if recompute is None else not recompute)
 
-    def _latent_targets(self, trunk_hidden_states: Tensor) -> LatentTargets:
+    def _latent_targets(self, trunk_hidden_states: Tensor, call: _MTPCall) -> LatentTargets:
         embedding_weight = None
         if hasattr(self, "embedding"):
             embedding_weight = self.embedding.word_embeddings.weight
@@ -253,20 +276,20 @@ class MTPModelMixin:
             embedding_weight=embedding_weight,
             tp_group=self.output_layer.tp_group,
             sequence_parallel=self.config.sequence_parallel,
+            layout=call.layout,
         )
 
-    def _check_mtp_inputs(self, input_ids, labels, loss_mask, packed_seq_params, mtp_step) -> None:
-        if packed_seq_params is not None:
-            raise NotImplementedError("MTPGPTModel does not support packed sequences yet")
+    def _check_mtp_inputs(self, input_ids, labels, loss_mask, mtp_step) -> None:
         if self.mtp_process and input_ids is None:
             raise ValueError("sequential MTP needs input_ids on the last pipeline stage")
         if input_ids is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
         if loss_mask is not None and loss_mask.shape != labels.shape:
             raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal labels shape {tuple(labels.shape)}")
-        if labels.shape[-1] <= self.mtp_config.num_layers:
+        sequence_length = labels.shape[-1] * self.config.context_parallel_size
+        if sequence_length <= self.mtp_config.num_layers:
             raise ValueError(
-                f"sequence length {labels.shape[-1]} must exceed MTP num_layers ({self.mtp_config.num_layers})"
+                f"sequence length {sequence_length} must exceed MTP num_layers ({self.mtp_config.num_layers})"
             )
         if self.training and mtp_step is None and self.mtp_config.loss_scaling_schedule:
             raise ValueError("mtp_config.loss_scaling_schedule is set: pass mtp_step=<training step> to forward")
@@ -347,13 +370,18 @@ class MTPGPTModel(MTPModelMixin, GPTModel):
 
         Args (beyond ``GPTModel.forward``'s, which include ``loss_mask`` and ``padding_mask``):
             input_ids, position_ids, labels, loss_mask: [b, s]; the last stage needs them all for MTP.
+            packed_seq_params: Megatron-Core's THD layout ([1, t] inputs, documents given by cu_seqlens): MTP
+                depths roll within each document (``layers/sequence_layout.py``), also under context parallelism
+                (cu_seqlens global, each rank's tokens cut by ``layers.context_parallel.thd_local_positions``).
             mtp_stats: receives this micro-batch's per-depth counts (also computes acceptance metrics).
             mtp_step: training step, selects lambda when ``mtp_config.loss_scaling_schedule`` is set.
             compute_mtp: run MTP (default: in training mode, when labels are given).
         Returns:
             labels given: per-token next-token loss [b, s]; else logits [b, s, V] (V/tp unless gathered).
         """
-        self._mtp_call = _MTPCall(mtp_stats, mtp_step, compute_mtp, decoder_input is not None)
+        self._mtp_call = self._new_mtp_call(
+            mtp_stats, mtp_step, compute_mtp, decoder_input, packed_seq_params, labels if labels is not None else input_ids
+        )
         try:
             return super().forward(
                 input_ids, position_ids, attention_mask, decoder_input, labels, inference_context,
@@ -382,6 +410,19 @@ class MTPGPTModel(MTPModelMixin, GPTModel):
             return super()._postprocess(hidden_states=hidden_states, **kwargs)
 
 
+def _check_packed_ids(sequences: Optional[PackedSequences], token_ids: Optional[Tensor], config) -> None:
+    """A packed micro-batch (Megatron-Core's THD layout) has token_ids [1, t / cp] (labels or input ids where this
+    stage has them) covering its documents."""
+    if sequences is None or token_ids is None:
+        return
+    if token_ids.shape[0] != 1:
+        raise ValueError(f"packed sequences (THD) need micro-batch size 1, got token ids {tuple(token_ids.shape)}")
+    last_end = int((sequences.starts + sequences.lengths).max()) if sequences.lengths.numel() else 0
+    positions = token_ids.shape[-1] * config.context_parallel_size
+    if last_end > positions:
+        raise ValueError(f"cu_seqlens describe {last_end} positions but the micro-batch has {positions}")
+
+
 def _check_configs(config, mtp_config, mtp_block_spec, max_sequence_length, position_embedding_type, gpt_kwargs):
     if not isinstance(mtp_config, MTPConfig):
         raise TypeError(f"mtp_config must be an MTPConfig, got {type(mtp_config).__name__}")
@@ -396,8 +437,6 @@ def _check_configs(config, mtp_config, mtp_block_spec, max_sequence_length, posi
         raise ValueError("mtp_block_spec is required when MTP is enabled (see megatron_mtp.layers.get_mtp_block_spec)")
     if "mtp_block_spec" in gpt_kwargs:
         raise ValueError("pass mtp_block_spec from megatron_mtp.layers.get_mtp_block_spec, not Megatron-Core's")
-    if mtp_config.enabled and config.context_parallel_size > 1:
-        raise NotImplementedError("MTPGPTModel does not support context parallelism yet")
     if mtp_config.enabled:
         check_mtp_beside_loss(config.pipeline_model_parallel_layout)
     if mtp_config.enabled and getattr(config, "use_mup", False):

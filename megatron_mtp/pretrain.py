@@ -19,8 +19,9 @@ from torch.utils.data import Dataset
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_mtp.compat import reset_moe_aux_loss_log
+from megatron_mtp.compat import batch_on_this_cp_rank, reset_moe_aux_loss_log
 from megatron_mtp.data.datasets import MicroBatchIterator, build_gpt_datasets
+from megatron_mtp.data.packing import as_packed_documents
 from megatron_mtp.data.stdlib_corpus import prepare_stdlib_corpus
 from megatron_mtp.data.tokenizers import build_tokenizer
 from megatron_mtp.loss import MTPStats
@@ -57,17 +58,23 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     data_path, train_set, valid_set = build_datasets(args, tokenizer, runtime.global_batch_size)
     dp_rank = parallel_state.get_data_parallel_rank()
-    # One iterator per model chunk, as Megatron-LM's interleaved schedule reads them: each draws every micro-batch.
-    train_batches = [
-        MicroBatchIterator(train_set, consumed_samples, args.micro_batch_size, dp_rank, runtime.data_parallel_size)
-        for _ in model
-    ]
     log = MetricsLog(args.train_iters, args.tensorboard_dir, args.json_log) if dist.get_rank() == dist.get_world_size() - 1 else None
     device = torch.device(runtime.device, torch.cuda.current_device()) if runtime.device == "cuda" else torch.device("cpu")
+    eod = tokenizer.eod if args.reset_attention_mask else None
+    # One iterator per model chunk, as Megatron-LM's interleaved schedule reads them: each draws every micro-batch.
+    train_batches = [
+        device_batches(
+            MicroBatchIterator(train_set, consumed_samples, args.micro_batch_size, dp_rank, runtime.data_parallel_size),
+            device,
+            eod,
+        )
+        for _ in model
+    ]
     _print(
         f"training {sum(p.numel() for chunk in model for p in chunk.parameters()):,} parameters on this rank, "
         f"MTP {args.mtp_config.mode} D={args.mtp_config.num_layers}, world {dist.get_world_size()} "
         f"(TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size} x {len(model)} virtual, "
+        f"CP {args.context_parallel_size}, "
         f"DP {runtime.data_parallel_size}), "
         f"{runtime.global_batch_size} samples x {args.seq_length} tokens per step, {_precision(runtime)}, "
         f"gradient-accumulation fusion {'on' if config.gradient_accumulation_fusion else 'off'}, data {' '.join(data_path)}"
@@ -76,12 +83,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.skip_train:
         if valid_set is None:
             raise ValueError(f"--skip-train validates, but --split {args.split} gives the validation split no data")
-        evaluate(model, valid_set, runtime, args, device, log, iteration)
+        evaluate(model, valid_set, runtime, args, device, eod, log, iteration)
         _finish(log)
         return
 
     if args.eval_interval and valid_set is not None and iteration == 0:  # the untrained model: the reference
-        evaluate(model, valid_set, runtime, args, device, log, iteration)
+        evaluate(model, valid_set, runtime, args, device, eod, log, iteration)
     last_saved = iteration if args.load and not args.finetune else None
     window_start, window_iters = time.time(), 0
     while iteration < args.train_iters:
@@ -92,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         # After a step the optimizer leaves param.grad aliasing DDP's main_grad; unset it or the next backward
         # accumulates every gradient twice.
         optimizer.zero_grad()
-        reports = run_microbatches(model, train_batches, runtime, args, device, stats, iteration, forward_only=False)
+        reports = run_microbatches(model, train_batches, runtime, args, stats, iteration, forward_only=False)
         success, grad_norm, _ = optimizer.step()
         scheduler.step(increment=runtime.global_batch_size)
         consumed_samples += runtime.global_batch_size
@@ -124,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         evaluating = args.eval_interval and valid_set is not None and iteration % args.eval_interval == 0
         saving = args.save and args.save_interval and iteration % args.save_interval == 0
         if evaluating:
-            evaluate(model, valid_set, runtime, args, device, log, iteration)
+            evaluate(model, valid_set, runtime, args, device, eod, log, iteration)
         if saving:
             save(args, iteration, model, optimizer, scheduler, consumed_samples, signature)
             last_saved = iteration
@@ -144,6 +151,7 @@ def build_datasets(args, tokenizer, global_batch_size: int) -> Tuple[List[str], 
     train_set, valid_set, _ = build_gpt_datasets(
         data_path, args.split, args.seq_length, tokenizer, args.seed,
         (args.train_iters * global_batch_size, eval_samples, 0), args.data_cache_path,
+        reset_position_ids=args.reset_position_ids, eod_mask_loss=args.eod_mask_loss,
     )
     return data_path, train_set, valid_set
 
@@ -155,19 +163,30 @@ def _finish(log: Optional[MetricsLog]) -> None:
     dist.destroy_process_group()
 
 
-def run_microbatches(model, batches: List[Iterator[Dict]], runtime, args, device, stats, step: int, forward_only: bool):
+def device_batches(batches: Iterator[Dict], device, eod: Optional[int]) -> Iterator[Dict]:
+    """The micro-batches on ``device``; with ``eod`` (--reset-attention-mask) each as packed documents that end
+    after each eod (``data/packing.py``)."""
+    for batch in batches:
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        yield batch if eod is None else as_packed_documents(batch, eod)
+
+
+def run_microbatches(model, batches: List[Iterator[Dict]], runtime, args, stats, step: int, forward_only: bool):
     """One schedule over ``runtime.num_microbatches`` micro-batches; returns the last stage's loss reports.
 
-    ``model``: this rank's DDP chunks; ``batches``: one micro-batch iterator per chunk."""
+    ``model``: this rank's DDP chunks; ``batches``: one micro-batch iterator (``device_batches``) per chunk."""
 
     def forward_step(data_iterator, model):
-        batch = {name: tensor.to(device) for name, tensor in next(data_iterator).items()}
+        batch = next(data_iterator)
+        # This context-parallel rank's two chunks of each sequence, as Megatron-LM's get_batch cuts them.
+        batch = batch_on_this_cp_rank(batch, parallel_state.get_context_parallel_group())
         output = model(
             batch["tokens"],
             batch["position_ids"],
             batch["attention_mask"],
             labels=batch["labels"],
             loss_mask=batch["loss_mask"],
+            packed_seq_params=batch.get("packed_seq_params"),
             mtp_stats=stats,
             mtp_step=step,
             compute_mtp=True,
@@ -183,40 +202,47 @@ def run_microbatches(model, batches: List[Iterator[Dict]], runtime, args, device
     if not forward_only:
         for chunk in model:
             chunk.zero_grad_buffer()
+    # Packed documents travel between pipeline stages as one sequence of all the micro-batch's tokens.
+    packed = args.reset_attention_mask
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=batches if len(batches) > 1 else batches[0],
         model=model,
         num_microbatches=runtime.num_microbatches,
-        seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size,
+        seq_length=args.seq_length * args.micro_batch_size if packed else args.seq_length,
+        micro_batch_size=1 if packed else args.micro_batch_size,
         forward_only=forward_only,
     )
 
 
 def reduce_metrics(reports: List[Dict], stats: MTPStats, device) -> Dict[str, float]:
-    """LM loss and MTP metrics summed over micro-batches and data-parallel ranks (last stage only)."""
+    """LM loss and MTP metrics summed over micro-batches and data- and context-parallel ranks (last stage only;
+    each context-parallel rank counts its own tokens)."""
     if not parallel_state.is_pipeline_last_stage():
         return {}
     totals = torch.stack([r["lm loss"] for r in reports]).sum(0).to(torch.float64).to(device)
-    group = parallel_state.get_data_parallel_group()
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     dist.all_reduce(totals, group=group)
     stats.all_reduce(group)
     return dict(lm_loss=(totals[0] / totals[1].clamp(min=1)).item(), **stats.summary())
 
 
 @torch.no_grad()
-def evaluate(model, valid_set, runtime, args, device, log, iteration: int) -> None:
+def evaluate(model, valid_set, runtime, args, device, eod: Optional[int], log, iteration: int) -> None:
     _set_training(model, False)
     batches = [
-        MicroBatchIterator(
-            valid_set, 0, args.micro_batch_size, parallel_state.get_data_parallel_rank(), runtime.data_parallel_size
+        device_batches(
+            MicroBatchIterator(
+                valid_set, 0, args.micro_batch_size, parallel_state.get_data_parallel_rank(), runtime.data_parallel_size
+            ),
+            device,
+            eod,
         )
         for _ in model
     ]
     reports, stats = [], MTPStats(args.mtp_config.num_layers, args.mtp_config.latent_losses)
     for _ in range(args.eval_iters):
-        reports += run_microbatches(model, batches, runtime, args, device, stats, iteration, forward_only=True)
+        reports += run_microbatches(model, batches, runtime, args, stats, iteration, forward_only=True)
     metrics = reduce_metrics(reports, stats, device)
     if log is not None:
         metrics["lm_ppl"] = math.exp(min(metrics["lm_loss"], 50.0))

@@ -8,7 +8,9 @@ import torch
 import torch.multiprocessing as mp
 
 
-def run_world(fn, world_size: int, *args, tp: int = 1, pp: int = 1, ep: int = 1, vpp=None, timeout: float = 600.0):
+def run_world(
+    fn, world_size: int, *args, tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1, vpp=None, timeout: float = 600.0
+):
     """Spawn ``world_size`` ranks, each running ``fn(*args)`` after ``initialize_model_parallel`` (``vpp``:
     virtual pipeline stages per rank, or None).
 
@@ -21,7 +23,7 @@ def run_world(fn, world_size: int, *args, tp: int = 1, pp: int = 1, ep: int = 1,
         context = mp.get_context("spawn")
         port = free_port()
         procs = [
-            context.Process(target=_rank_main, args=(rank, world_size, port, tp, pp, ep, vpp, fn, args, result_dir))
+            context.Process(target=_rank_main, args=(rank, world_size, port, tp, pp, ep, cp, vpp, fn, args, result_dir))
             for rank in range(world_size)
         ]
         for proc in procs:
@@ -44,7 +46,7 @@ def run_world(fn, world_size: int, *args, tp: int = 1, pp: int = 1, ep: int = 1,
         return [torch.load(os.path.join(result_dir, f"{rank}.pt"), weights_only=False) for rank in range(world_size)]
 
 
-def _rank_main(rank, world_size, port, tp, pp, ep, vpp, fn, args, result_dir):
+def _rank_main(rank, world_size, port, tp, pp, ep, cp, vpp, fn, args, result_dir):
     try:
         import warnings
 
@@ -62,6 +64,7 @@ def _rank_main(rank, world_size, port, tp, pp, ep, vpp, fn, args, result_dir):
             pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp,
             expert_model_parallel_size=ep,
+            context_parallel_size=cp,
         )
         cpu_bridge.manual_seed(1234)
         result = fn(*args)

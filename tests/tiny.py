@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import unwrap_model
 
 from megatron_mtp import cpu_bridge
+from megatron_mtp.compat import batch_on_this_cp_rank
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.layers import get_mtp_block_spec
 from megatron_mtp.loss import MTPStats
@@ -89,10 +90,17 @@ def transformer_config(
 
 
 def decoder_spec(config: TransformerConfig, vp_stage: Optional[int] = None):
-    """This stage's decoder block spec (local modules), with norms that accept sequence parallelism."""
-    return cpu_bridge.with_sequence_parallel_norms(
-        get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp_stage)
-    )
+    """This stage's decoder block spec (local modules), made to run on CPU by :func:`for_cpu`."""
+    return for_cpu(get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp_stage), config)
+
+
+def for_cpu(spec, config: TransformerConfig):
+    """``spec`` with the CPU bridge's stand-ins for what TE provides on GPU: norms that accept sequence
+    parallelism, and under context parallelism the all-gather core attention."""
+    spec = cpu_bridge.with_sequence_parallel_norms(spec)
+    if config.context_parallel_size > 1:
+        spec = cpu_bridge.with_context_parallel_attention(spec)
+    return spec
 
 
 def build_model(
@@ -103,7 +111,7 @@ def build_model(
     mtp_spec = None
     if mtp.enabled:  # from the model's last decoder layer: a pipeline layout may give the MTP stage none
         last_layer = get_gpt_decoder_layer_specs(config, use_transformer_engine=False)[-1]
-        mtp_spec = cpu_bridge.with_sequence_parallel_norms(get_mtp_block_spec(last_layer, mtp))
+        mtp_spec = for_cpu(get_mtp_block_spec(last_layer, mtp), config)
     return MTPGPTModel(
         config,
         spec,
@@ -146,7 +154,7 @@ def build_megatron_core_model(config: TransformerConfig, tied: bool = False, pos
         spec,
         VOCAB,
         SEQ,
-        mtp_block_spec=cpu_bridge.with_sequence_parallel_norms(mtp_spec),
+        mtp_block_spec=for_cpu(mtp_spec, config),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=tied,
@@ -220,17 +228,24 @@ def make_batches(num_microbatches: int, seed: int = 0, fully_masked_microbatch: 
     return batches
 
 
-def train_step(model, config, batches: List[dict], stats: Optional[MTPStats] = None, mtp_step=None):
+def train_step(
+    model, config, batches: List[dict], stats: Optional[MTPStats] = None, mtp_step=None, sequence_mean: bool = False
+):
     """One Megatron forward/backward over the micro-batches (1F1B under PP, interleaved with virtual stages).
-    Returns per-micro-batch LM loss.
+    Returns per-micro-batch LM loss reports [loss sum, tokens] (this rank's share under context parallelism).
 
     ``model`` (DDP-wrapped, or a list of DDP-wrapped chunks) is ours (GPT or hybrid) or Megatron-Core's; ``stats``
-    and ``mtp_step`` are for ours."""
+    and ``mtp_step`` are for ours. Each context-parallel rank gets its chunks of every sequence (Megatron-Core's
+    ``get_batch_on_this_cp_rank``). The loss is Megatron-LM's: each rank's masked mean (a sum with
+    ``calculate_per_token_loss``); ``sequence_mean``: the mean over the whole sequence's tokens (counted over the CP
+    group) in Megatron-LM's two-value form, which the schedule multiplies by the CP size and which equals one
+    process's under CP."""
     chunks = model if isinstance(model, list) else [model]
     mtp_kwargs = dict(mtp_stats=stats, mtp_step=mtp_step) if isinstance(unwrap_model(chunks[0]), MTPModelMixin) else {}
+    cp_group = parallel_state.get_context_parallel_group()
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = batch_on_this_cp_rank(dict(next(data_iterator)), cp_group)
         output = model(
             batch["tokens"],
             batch["position_ids"],
@@ -243,8 +258,12 @@ def train_step(model, config, batches: List[dict], stats: Optional[MTPStats] = N
         def loss_func(per_token_loss):
             mask = batch["loss_mask"].float()
             loss_sum = (per_token_loss.float() * mask).sum()
-            tokens = mask.sum().to(torch.int)
-            return loss_sum, tokens, {"lm loss": torch.stack((loss_sum.detach(), mask.sum()))}
+            report = {"lm loss": torch.stack((loss_sum.detach(), mask.sum()))}
+            if not sequence_mean:
+                return loss_sum, mask.sum().to(torch.int), report
+            tokens = mask.sum()
+            torch.distributed.all_reduce(tokens, group=cp_group)
+            return loss_sum / tokens.clamp(min=1), report
 
         return output, loss_func
 

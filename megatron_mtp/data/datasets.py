@@ -94,14 +94,17 @@ def build_gpt_datasets(
     seed: int,
     num_samples: Tuple[int, int, int],
     cache_dir: Optional[str],
+    reset_position_ids: bool = False,
+    eod_mask_loss: bool = False,
 ) -> Tuple[Optional[Dataset], Optional[Dataset], Optional[Dataset]]:
     """Train, valid and test datasets (each ``None`` if its ``--split`` weight is 0).
 
     Each sample is a dict of ``tokens``, ``labels`` (int64 [seq_length], ``labels[i] = tokens[i + 1]`` in the
     document stream), ``loss_mask`` (float32 [seq_length]) and ``position_ids`` (int64 [seq_length]);
-    a blend adds ``dataset_id``. Documents are concatenated with their eods, positions are not reset at
-    documents and eods are not masked from the loss. No per-sample attention mask is built (see
-    ``MicroBatchIterator``). Each split holds at least its ``num_samples`` entry of samples: core repeats
+    a blend adds ``dataset_id``. Documents are concatenated with their eods; positions restart after each eod
+    with ``reset_position_ids`` and eods are masked from the loss with ``eod_mask_loss`` (Megatron-LM's
+    flags). No per-sample attention mask is built (see ``MicroBatchIterator``; ``data/packing.py`` separates
+    documents). Each split holds at least its ``num_samples`` entry of samples: core repeats
     the data over as many shuffled epochs as that takes.
 
     Must be called on every rank when ``torch.distributed`` is initialized; works without it too.
@@ -127,9 +130,9 @@ def build_gpt_datasets(
         split=split,
         path_to_cache=cache_dir,
         tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=False,  # it only shapes a dense mask, which is not built
+        eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,
     )
     train, valid, test = _Builder(GPTDataset, list(num_samples), _build_on_every_rank, config).build()

@@ -75,27 +75,48 @@ class SDPACoreAttention(MegatronModule):
         if attention_bias is not None:
             raise NotImplementedError("SDPACoreAttention does not support an attention bias")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        heads, groups = query.shape[2], key.shape[2]
-        if heads != groups:
-            key = key.repeat_interleave(heads // groups, dim=2)
-            value = value.repeat_interleave(heads // groups, dim=2)
-        # [s, b, n, d] -> [b, n, s, d]
-        query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        mask, is_causal = None, False
+        allowed, is_causal = None, False
         if attention_mask is not None:
-            mask = ~attention_mask.bool()
+            allowed = ~attention_mask.bool()
         elif mask_type == AttnMaskType.causal:
-            if query.shape[2] != key.shape[2]:
+            if query.shape[0] != key.shape[0]:
                 raise ValueError("a causal mask without an attention_mask needs as many queries as keys")
             is_causal = True
         elif mask_type != AttnMaskType.no_mask:
             raise ValueError(f"attention mask type {mask_type} needs an attention_mask")
         dropout_p = self.dropout_p if self.training else 0.0
-        # Megatron draws attention dropout from the model-parallel RNG state (different per TP rank).
-        forks_rng = dropout_p and not self.config.sequence_parallel
-        with tensor_parallel.get_cuda_rng_tracker().fork() if forks_rng else nullcontext():
-            context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale
-            )
-        # [b, n, sq, dv] -> [sq, b, n * dv]
-        return context.permute(2, 0, 1, 3).reshape(context.shape[2], context.shape[0], -1)
+        return attend(query, key, value, allowed, is_causal, dropout_p, self.softmax_scale, self.config)
+
+
+def attend(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    allowed: Optional[Tensor],
+    is_causal: bool,
+    dropout_p: float,
+    scale: float,
+    config: TransformerConfig,
+) -> Tensor:
+    """``scaled_dot_product_attention`` on Megatron's layouts.
+
+    Args:
+        query: [sq, b, np, dk]; key: [sk, b, ng, dk]; value: [sk, b, ng, dv] (ng key/value groups dividing np).
+        allowed: bool, True where a query may attend a key, broadcastable to [b, np, sq, sk]; or None.
+    Returns:
+        context: [sq, b, np * dv].
+    """
+    heads, groups = query.shape[2], key.shape[2]
+    if heads != groups:
+        key = key.repeat_interleave(heads // groups, dim=2)
+        value = value.repeat_interleave(heads // groups, dim=2)
+    # [s, b, n, d] -> [b, n, s, d]
+    query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+    # Megatron draws attention dropout from the model-parallel RNG state (different per TP rank).
+    forks_rng = dropout_p and not config.sequence_parallel
+    with tensor_parallel.get_cuda_rng_tracker().fork() if forks_rng else nullcontext():
+        context = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=allowed, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+        )
+    # [b, n, sq, dv] -> [sq, b, n * dv]
+    return context.permute(2, 0, 1, 3).reshape(context.shape[2], context.shape[0], -1)

@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.hybrid.specs import check_mtp_parts, check_pattern_runs_here
 from megatron_mtp.loss.metrics import MTPStats
-from megatron_mtp.model import MTPModelMixin, _check_configs, _MTPCall
+from megatron_mtp.model import MTPModelMixin, _check_configs
 
 
 class MTPHybridModel(MTPModelMixin, HybridModel):
@@ -128,7 +128,9 @@ class MTPHybridModel(MTPModelMixin, HybridModel):
         )
         if not self.post_process:
             return super().forward(labels=labels, **hybrid_args)
-        self._mtp_call = _MTPCall(mtp_stats, mtp_step, compute_mtp, decoder_input is not None)
+        self._mtp_call = self._new_mtp_call(
+            mtp_stats, mtp_step, compute_mtp, decoder_input, packed_seq_params, labels if labels is not None else input_ids
+        )
         try:
             with self._decoder_inputs_read() as decoder_inputs, self._decoder_output_only():
                 hidden_states = super().forward(**hybrid_args)

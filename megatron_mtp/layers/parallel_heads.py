@@ -59,10 +59,12 @@ class ParallelMTPHead(MTPLayerModule):
         rotary_pos_cos: Optional[torch.Tensor] = None,
         rotary_pos_sin: Optional[torch.Tensor] = None,
         inference_context=None,
+        packed_seq_params=None,
     ) -> torch.Tensor:
         """trunk_states: h_0, [s, b, h] ([s/tp, b, h] under sequence parallelism). Returns h_k, same shape.
 
-        inference_context: this head's own KV cache at generation time (see ``SequentialMTPLayer.forward``)."""
+        inference_context: this head's own KV cache at generation time (see ``SequentialMTPLayer.forward``);
+        packed_seq_params: a packed (THD) micro-batch's ``PackedSeqParams``, for the transformer layer."""
         hidden_states, _ = self.inner_layer(
             hidden_states=trunk_states,
             attention_mask=attention_mask,
@@ -70,6 +72,7 @@ class ParallelMTPHead(MTPLayerModule):
             rotary_pos_cos=rotary_pos_cos,
             rotary_pos_sin=rotary_pos_sin,
             inference_context=inference_context,
+            packed_seq_params=packed_seq_params,
         )
         hidden_states = self.final_layernorm(hidden_states)
         return make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)

@@ -81,6 +81,7 @@ class SequentialMTPLayer(MTPLayerModule):
         rotary_pos_cos: Optional[torch.Tensor] = None,
         rotary_pos_sin: Optional[torch.Tensor] = None,
         inference_context=None,
+        packed_seq_params=None,
     ) -> torch.Tensor:
         """
         Args:
@@ -88,6 +89,7 @@ class SequentialMTPLayer(MTPLayerModule):
             token_embeddings: embedding of the tokens rolled left by k, same shape as ``hidden_states``.
             inference_context: this depth's own KV cache (a Megatron-Core static inference context), at
                 generation time; its ``sequence_len_offset`` is the position of the first of the s tokens.
+            packed_seq_params: a packed (THD) micro-batch's ``PackedSeqParams``, for the transformer layer.
         Returns:
             h_k, same shape as ``hidden_states``.
         """
@@ -109,6 +111,7 @@ class SequentialMTPLayer(MTPLayerModule):
                     rotary_pos_cos=rotary_pos_cos,
                     rotary_pos_sin=rotary_pos_sin,
                     inference_context=inference_context,
+                    packed_seq_params=packed_seq_params,
                 )
         hidden_states = self.final_layernorm(hidden_states)
         return make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-from megatron_mtp.layers.roll import roll_left
+from megatron_mtp.layers.sequence_layout import SequenceLayout
 from megatron_mtp.loss.metrics import vocab_slice_start
 
 
@@ -31,6 +31,7 @@ class LatentTargets(NamedTuple):
     embedding_weight: Optional[torch.Tensor]  # vocab-parallel word embedding [V/tp, h]; needed for anchoring
     tp_group: Optional[dist.ProcessGroup]
     sequence_parallel: bool
+    layout: SequenceLayout = SequenceLayout()  # the trunk's shift by k: within documents, across CP chunks
 
 
 class LatentSums(NamedTuple):
@@ -53,7 +54,7 @@ def latent_sums(
     if targets.consistency_weight:
         with torch.no_grad():
             trunk = _full_sequence(targets.trunk_hidden, targets).float()
-            shifted_trunk = roll_left(trunk, depth, dim=0)  # [s, b, h]: h_0[t+k]
+            shifted_trunk = targets.layout.roll(trunk, depth, dim=0)  # [s, b, h]: h_0[t+k]
         consistency = _masked_mse_sum(hidden, shifted_trunk, mask)
     if targets.anchoring_weight:
         if targets.embedding_weight is None:

@@ -5,7 +5,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_mtp.layers.roll import roll_left
+from megatron_mtp.layers.sequence_layout import SequenceLayout
 
 STAT_FIELDS = (
     "loss_sum",
@@ -47,18 +47,26 @@ def vocab_parallel_argmax(logits: torch.Tensor, tp_group: Optional[dist.ProcessG
 
 @torch.no_grad()
 def count_main_agreement(
-    stats: torch.Tensor, depth_predictions: List[torch.Tensor], main_predictions: torch.Tensor, loss_mask: torch.Tensor
+    stats: torch.Tensor,
+    depth_predictions: List[torch.Tensor],
+    main_predictions: torch.Tensor,
+    loss_mask: torch.Tensor,
+    layout: SequenceLayout = SequenceLayout(),
 ) -> torch.Tensor:
     """``stats`` [D, 6] with ``correct_main`` filled in: valid targets where depth k's greedy id at position t
     equals the main model's at position t+k (the same target token).
 
     Args:
-        depth_predictions: per depth [b, s]; main_predictions, loss_mask: [b, s] (main alignment).
+        depth_predictions: per depth [b, s]; main_predictions, loss_mask: [b, s] (main alignment; s: this
+            context-parallel rank's chunks under CP).
+        layout: packed documents and CP group of this micro-batch (``layers/sequence_layout.py``).
     """
     stats = stats.clone()
-    for depth, predictions in enumerate(depth_predictions, start=1):
-        valid = roll_left(loss_mask, depth) > 0
-        stats[depth - 1, 3] = ((predictions == roll_left(main_predictions, depth)) & valid).sum()
+    depths = range(1, len(depth_predictions) + 1)
+    masks = layout.rolls(loss_mask, depths)
+    all_main = layout.rolls(main_predictions, depths)
+    for depth, (predictions, mask, rolled_main) in enumerate(zip(depth_predictions, masks, all_main), start=1):
+        stats[depth - 1, 3] = ((predictions == rolled_main) & (mask > 0)).sum()
     return stats
 
 

@@ -10,14 +10,22 @@ are the main ones rolled left by k, with zero (masked) tails; no target is taken
 A depth with no valid token contributes 0, not NaN. Under ``calculate_per_token_loss`` L_k is the sum
 (as in Megatron-Core), normalised later with the main loss by the global token count; with Megatron-Core 0.17+
 the sum is first scaled by ``main tokens / depth tokens`` of the micro-batch, as that release does (``compat``).
+
+Under context parallelism (CP) each rank holds two chunks of every sequence (``layers/context_parallel.py``):
+labels and masks are rolled across the whole sequence, token counts are those of the whole sequence (summed
+over the CP group), and each rank's term holds its own tokens' share of the sums, so the terms of the CP ranks
+add up to the one-process term. Its gradient is scaled from the main loss's gradient summed over the CP group
+(``inject_mtp_loss``).
 """
 
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from megatron_mtp.compat import PER_TOKEN_LOSS_RESCALES_DEPTHS
-from megatron_mtp.layers.roll import roll_left
+from megatron_mtp.layers.context_parallel import cp_size
+from megatron_mtp.layers.sequence_layout import SequenceLayout
 from megatron_mtp.loss.latent import LatentTargets, latent_sums
 from megatron_mtp.loss.metrics import vocab_parallel_argmax
 
@@ -74,11 +82,12 @@ def mtp_loss(
     depth_loss: Callable[..., DepthLoss] = plain_depth_loss,
     latent_targets: Optional[LatentTargets] = None,
     want_stats: bool = False,
+    layout: SequenceLayout = SequenceLayout(),
 ) -> MTPLossResult:
     """
     Args:
         depth_hidden_states: [h_1, ..., h_D], each [s, b, h].
-        labels, loss_mask: the main (next-token) labels and mask, [b, s].
+        labels, loss_mask: the main (next-token) labels and mask, [b, s] (s: this CP rank's chunks).
         depth_weights: w_1..w_D (unnormalised); loss_scale: lambda.
         depth_loss: ``plain_depth_loss`` or ``chunked.chunked_depth_loss`` (same results, less memory).
         latent_targets: adds the latent semantic enhancement terms (see ``loss/latent.py``), weighted by
@@ -88,17 +97,24 @@ def mtp_loss(
             afterwards. Without it ``stats`` and ``predictions`` are None, and a depth loss may leave its value
             to backward (the chunked loss does when it recomputes the logits there anyway): ``term`` then reads
             NaN while its gradient is exact. Training only needs the gradient; metrics steps ask for stats.
+        layout: packed documents (labels and mask roll within each one) and the context-parallel group (they roll
+            across its ranks; the stats stay this rank's own counts: sum them over the group).
     """
     loss_mask = loss_mask.float()
-    main_tokens = loss_mask.sum().clamp(min=1.0)
+    depths = range(1, len(depth_hidden_states) + 1)
+    masks = list(layout.rolls(loss_mask, depths))
+    all_labels = layout.rolls(labels, depths)
+    counts = torch.stack([loss_mask.sum()] + [mask.sum() for mask in masks])  # [1 + D]: main, then each depth
+    if layout.context_parallel:
+        dist.all_reduce(counts, group=layout.cp_group)
+    main_tokens, *depth_tokens = counts.clamp(min=1.0).unbind()
     term = torch.zeros((), device=labels.device)
     all_stats: List[torch.Tensor] = []
     all_predictions: List[torch.Tensor] = []
-    for depth, (hidden_states, weight) in enumerate(zip(depth_hidden_states, depth_weights), start=1):
-        mask_k = roll_left(loss_mask, depth)
-        labels_k = roll_left(labels, depth)
+    for depth, (hidden_states, weight, mask_k, labels_k, tokens) in enumerate(
+        zip(depth_hidden_states, depth_weights, masks, all_labels, depth_tokens, strict=True), start=1
+    ):
         result = depth_loss(hidden_states, head, labels_k, mask_k, want_stats)
-        tokens = mask_k.sum().clamp(min=1.0)
         if per_token_loss:
             tokens = tokens / main_tokens if PER_TOKEN_LOSS_RESCALES_DEPTHS else 1.0
         depth_term = loss_scale * result.loss_sum
@@ -137,26 +153,43 @@ class _InjectMTPLoss(torch.autograd.Function):
     loss function and the pipeline schedule do to the main loss (mean over tokens, 1/num_microbatches,
     grad scaler, CP factor) applies to the MTP term too, with no global state:
     mean-form term: d total / d term = sum_t g[t]; sum-form (per-token) term: sum_t g[t] / main tokens.
+    Under context parallelism both sums run over the whole sequence (all CP ranks), as the term's token counts
+    do: the gradients of the CP ranks are then reduced like any other, and the MTP term weighs what the main
+    loss weighs in total, however the loss function splits that between the ranks.
     """
 
     @staticmethod
-    def forward(ctx, lm_loss, term, main_tokens):
+    def forward(ctx, lm_loss, term, main_tokens, cp_group):
         ctx.save_for_backward(main_tokens)
         ctx.per_token = main_tokens is not None
+        ctx.cp_group = cp_group
         return lm_loss.clone()
 
     @staticmethod
     def backward(ctx, grad_lm_loss):
         scale = grad_lm_loss.sum()
+        main_tokens = ctx.saved_tensors[0] if ctx.per_token else None
+        if cp_size(ctx.cp_group) > 1:
+            scale, main_tokens = _summed_over_cp(ctx.cp_group, scale, main_tokens)
         if ctx.per_token:
-            (main_tokens,) = ctx.saved_tensors
             scale = scale / main_tokens.clamp(min=1.0)
-        return grad_lm_loss, scale, None
+        return grad_lm_loss, scale, None, None
+
+
+def _summed_over_cp(cp_group, scale: torch.Tensor, main_tokens: Optional[torch.Tensor]):
+    """``scale`` and ``main_tokens`` (scalars; the latter may be None) summed over the CP group in one all-reduce."""
+    sums = torch.stack([scale.float()] + ([] if main_tokens is None else [main_tokens.float()]))
+    dist.all_reduce(sums, group=cp_group)
+    return sums[0].to(scale.dtype), None if main_tokens is None else sums[1]
 
 
 def inject_mtp_loss(
-    lm_loss: torch.Tensor, term: torch.Tensor, loss_mask: torch.Tensor, per_token_loss: bool
+    lm_loss: torch.Tensor,
+    term: torch.Tensor,
+    loss_mask: torch.Tensor,
+    per_token_loss: bool,
+    cp_group: Optional[dist.ProcessGroup] = None,
 ) -> torch.Tensor:
     """Return ``lm_loss`` ([b, s], values unchanged) carrying ``term`` into the backward pass."""
     main_tokens = loss_mask.float().sum() if per_token_loss else None
-    return _InjectMTPLoss.apply(lm_loss, term, main_tokens)
+    return _InjectMTPLoss.apply(lm_loss, term, main_tokens, cp_group)

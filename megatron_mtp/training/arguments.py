@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parallel.add_argument("--expert-model-parallel-size", type=int, default=1)
     parallel.add_argument(
+        "--context-parallel-size", type=int, default=1,
+        help="Split every sequence over this many ranks in Megatron's load-balanced layout (2 chunks per rank).",
+    )
+    parallel.add_argument(
         "--num-layers-per-virtual-pipeline-stage", type=int, default=None,
         help="Decoder layers per virtual pipeline stage: each rank holds several model chunks, trained with the "
         "interleaved 1F1B schedule. MTP lives on the last chunk of the last rank.",
@@ -182,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Required. ByteLevel: UTF-8 bytes (ours, no file); HuggingFaceTokenizer: --tokenizer-model.",
     )
     data.add_argument("--tokenizer-model", type=str, default=None, help="tokenizer.json for HuggingFaceTokenizer.")
+    data.add_argument("--reset-position-ids", action="store_true", help="Positions restart after each eod token.")
+    data.add_argument(
+        "--reset-attention-mask", action="store_true",
+        help="Tokens attend only within their document (up to and including its eod): each micro-batch runs as "
+        "packed sequences (THD), and MTP depths neither read nor predict across an eod. Needs --eod-mask-loss "
+        "when MTP is on.",
+    )
+    data.add_argument("--eod-mask-loss", action="store_true", help="No loss on predicting the token after an eod.")
     data.add_argument(
         "--data-cache-path", default=None,
         help=f"Where dataset indices and the embedded corpus are cached; unset: {DEFAULT_DATA_CACHE_PATH}.",
@@ -270,7 +282,7 @@ def _apply_hybrid_layer_pattern(parser: argparse.ArgumentParser, args: argparse.
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     positive = ["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "train_iters",
                 "log_interval", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                "expert_model_parallel_size"]
+                "expert_model_parallel_size", "context_parallel_size"]
     if args.fp16:
         parser.error("--fp16 is not supported: fp16 needs loss scaling, which this script does not set up; use --bf16")
     if args.grad_reduce_in_bf16 and not args.bf16:
@@ -299,6 +311,13 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.sequence_parallel and args.seq_length % args.tensor_model_parallel_size:
         parser.error("--seq-length must be divisible by --tensor-model-parallel-size with --sequence-parallel")
+    if args.context_parallel_size > 1:
+        split = 2 * args.context_parallel_size * (args.tensor_model_parallel_size if args.sequence_parallel else 1)
+        if args.seq_length % split:
+            parser.error(
+                f"--seq-length {args.seq_length} must be divisible by {split}: 2 x --context-parallel-size"
+                + (" x --tensor-model-parallel-size (--sequence-parallel)" if args.sequence_parallel else "")
+            )
     if args.moe_per_layer_logging and not args.tensorboard_dir:
         parser.error("--moe-per-layer-logging writes to TensorBoard: give --tensorboard-dir")
     if args.expert_model_parallel_size > 1 and not args.num_experts:
@@ -314,6 +333,13 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(str(error))
     if args.mtp_config.num_layers >= args.seq_length:
         parser.error(f"--mtp-num-layers {args.mtp_config.num_layers} must be smaller than --seq-length {args.seq_length}")
+    if args.reset_attention_mask and args.mtp_config.enabled and not args.eod_mask_loss:
+        parser.error(
+            "--reset-attention-mask with MTP needs --eod-mask-loss: the label at each eod is the next document's "
+            "first token, which the MTP depths would otherwise predict across the document boundary"
+        )
+    if args.reset_attention_mask and args.context_parallel_size > 1:
+        parser.error("--reset-attention-mask (packed documents) with --context-parallel-size > 1 is not supported")
     if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
         parser.error("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH/tokenizer.json")
     if args.skip_train and args.eval_iters < 1:

@@ -47,17 +47,18 @@ def init_distributed(args: argparse.Namespace) -> Runtime:
         cpu_bridge.enable()
     dist.init_process_group("nccl" if device == "cuda" else "gloo")
     world = dist.get_world_size()
-    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
     if world % model_parallel:
         raise ValueError(
             f"world size {world} is not divisible by --tensor-model-parallel-size x --pipeline-model-parallel-size "
-            f"= {model_parallel}"
+            f"x --context-parallel-size = {model_parallel}"
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
     )
     if device == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
@@ -112,6 +113,7 @@ def transformer_config(args: argparse.Namespace, runtime: Runtime) -> Transforme
         overlap_p2p_comm=bool(args.virtual_pipeline_model_parallel_size),
         batch_p2p_comm=not args.virtual_pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
+        context_parallel_size=args.context_parallel_size,
         bf16=runtime.bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -229,6 +231,12 @@ def _build_gpt_model(
     if not use_te:
         block_spec = cpu_bridge.with_sequence_parallel_norms(block_spec)
         mtp_spec = cpu_bridge.with_sequence_parallel_norms(mtp_spec)
+        if args.reset_attention_mask:  # packed documents
+            block_spec = cpu_bridge.with_packed_attention(block_spec)
+            mtp_spec = cpu_bridge.with_packed_attention(mtp_spec)
+        elif config.context_parallel_size > 1:
+            block_spec = cpu_bridge.with_context_parallel_attention(block_spec)
+            mtp_spec = cpu_bridge.with_context_parallel_attention(mtp_spec)
     return MTPGPTModel(
         config,
         block_spec,

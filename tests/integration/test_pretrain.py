@@ -84,8 +84,9 @@ def one_process_log(tiny_data, tmp_path_factory, initial_weights):
 
 @pytest.mark.parametrize(
     "parallel",
-    [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"], ["--use-distributed-optimizer"]],
-    ids=["tp2", "pp2", "dp2-distributed-optimizer"],
+    [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"], ["--use-distributed-optimizer"],
+     ["--context-parallel-size", "2"]],
+    ids=["tp2", "pp2", "dp2-distributed-optimizer", "cp2"],
 )
 def test_two_process_run_trains_like_one_process_and_saves(tiny_data, tmp_path, parallel, initial_weights, one_process_log):
     save = tmp_path / "ckpt"
@@ -160,8 +161,9 @@ def _kill_tree(pid):
         process.kill()
 
 
-def test_resume_after_kill_is_bit_exact(tiny_data, tmp_path):
-    common = ["--tensor-model-parallel-size", "2", "--train-iters", "12"]
+@pytest.mark.parametrize("parallel", [["--tensor-model-parallel-size", "2"], ["--context-parallel-size", "2"]], ids=["tp2", "cp2"])
+def test_resume_after_kill_is_bit_exact(tiny_data, tmp_path, parallel):
+    common = [*parallel, "--train-iters", "12"]
     run(2, [*common, "--json-log", str(tmp_path / "straight.jsonl")], tiny_data)
 
     save = tmp_path / "ckpt"
@@ -296,3 +298,55 @@ def test_finetune_checks_the_model_signature(tiny_data, tmp_path):
     shape = run(1, ["--train-iters", "3", "--load", str(save), "--finetune", "--hidden-size", "32"], tiny_data, check=False)
     assert shape.returncode != 0 and "records no model signature" in shape.stderr
     assert "Global shape mismatch" in shape.stderr, shape.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def short_documents(tmp_path_factory):
+    """An indexed dataset of 60 documents of 8 to 70 bytes: every 64-token sample holds eods."""
+    root = tmp_path_factory.mktemp("short_documents")
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(8, 71, (60,), generator=generator).tolist()
+    with open(root / "docs.jsonl", "w") as f:
+        for index, length in enumerate(lengths):
+            f.write(json.dumps({"text": (f"document {index}: " + "abcdefghij" * 8)[:length]}) + "\n")
+    prefix = str(root / "short")
+    subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", str(root / "docs.jsonl"),
+         "--output-prefix", prefix],
+        check=True, capture_output=True,
+    )
+    return dict(prefix=prefix, cache=str(root / "cache"))
+
+
+def test_reset_attention_mask_trains_packed_documents_at_tp2_like_one_process(short_documents, tmp_path):
+    """--reset-position-ids --reset-attention-mask --eod-mask-loss: each micro-batch runs as packed documents, so
+    depth k counts only targets inside their document (recounted here from the same samples); TP=2 with SP
+    gives one process's metrics."""
+    from megatron_mtp.data.datasets import MicroBatchIterator
+    from megatron_mtp.data.tokenizers import build_tokenizer
+    from megatron_mtp.pretrain import build_datasets
+    from megatron_mtp.training.arguments import parse_args
+    from packed_batches import targets_per_depth
+
+    flags = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss", "--train-iters", "2",
+             "--lr-warmup-iters", "0"]
+    logs = {}
+    for nproc, parallel in ((1, []), (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"])):
+        logs[nproc] = tmp_path / f"{nproc}.jsonl"
+        run(nproc, [*flags, *parallel, "--json-log", str(logs[nproc])], short_documents)
+    one, two = read_log(logs[1]), read_log(logs[2])
+    assert sorted(one) == sorted(two) == [1, 2]
+    for iteration in one:
+        for key in ("lm_loss", "mtp_1_loss", "mtp_2_loss", "mtp_2_tokens", "grad_norm"):
+            assert two[iteration][key] == pytest.approx(one[iteration][key], abs=1e-5), (iteration, key)
+
+    args = parse_args([*TINY, *flags, "--data-path", short_documents["prefix"],
+                       "--data-cache-path", short_documents["cache"]])
+    tokenizer = build_tokenizer("ByteLevel")
+    _, train_set, _ = build_datasets(args, tokenizer, 4)
+    samples = MicroBatchIterator(train_set, 0, 4, 0, 1)
+    for iteration in (1, 2):
+        step = next(samples)
+        assert (step["tokens"] == tokenizer.eod).any(dim=1).all()
+        expected = targets_per_depth(step["tokens"], step["loss_mask"], tokenizer.eod, 2)
+        assert [one[iteration][f"mtp_{k}_tokens"] for k in (1, 2)] == expected

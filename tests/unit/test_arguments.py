@@ -117,6 +117,9 @@ def test_contradictory_flags_fail_at_parse_time_naming_the_flags(argv, message, 
         (["--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 needs bf16 parameters: give --bf16"),
         (["--bf16", "--fp16"], "not allowed with argument"),
         (["--accumulate-allreduce-grads-in-fp32", "--grad-reduce-in-bf16"], "not allowed with argument"),
+        (["--mtp-num-layers", "1", "--reset-attention-mask"], "--reset-attention-mask with MTP needs --eod-mask-loss"),
+        (["--reset-attention-mask", "--context-parallel-size", "2"],
+         "--reset-attention-mask (packed documents) with --context-parallel-size > 1 is not supported"),
     ],
 )
 def test_pretrain_flag_errors(argv, message, capsys):
