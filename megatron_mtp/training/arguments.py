@@ -301,6 +301,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     virtual = args.virtual_pipeline_model_parallel_size
     if virtual and args.hybrid_layer_pattern:
         parser.error("--hybrid-layer-pattern does not support virtual pipeline stages yet")
+    if args.hybrid_layer_pattern and (args.context_parallel_size > 1 or args.reset_attention_mask):
+        parser.error("--hybrid-layer-pattern does not support --context-parallel-size > 1 or --reset-attention-mask yet")
     if args.pipeline_model_parallel_layout is None and "|" not in (args.hybrid_layer_pattern or ""):
         if args.num_layers % (args.pipeline_model_parallel_size * (virtual or 1)):
             parser.error(
