@@ -146,9 +146,12 @@ class HybridMTPStack(HybridStack):
         rotary_pos_cos: Optional[torch.Tensor] = None,
         rotary_pos_sin: Optional[torch.Tensor] = None,
         inference_context=None,
+        packed_seq_params=None,
     ):
         """hidden_states: [s, b, h] ([s/tp, b, h] under SP). Returns (the same shape, None), as a layer does."""
         if rotary_pos_cos is not None or rotary_pos_sin is not None or inference_context is not None:
             raise NotImplementedError("hybrid MTP depths take neither fused-RoPE cos/sin nor an inference context")
-        output = super().forward(hidden_states, attention_mask, rotary_pos_emb=rotary_pos_emb)
+        output = super().forward(
+            hidden_states, attention_mask, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params
+        )
         return output, None
