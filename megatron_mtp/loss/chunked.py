@@ -28,8 +28,9 @@ would make autograd sum the two into a new ``[V/tp, h]`` tensor. That dummy is a
 for DDP's hook under ``overlap_grad_reduce`` (which asserts it). When the main loss is chunked too, that output
 layer never runs: the main loss's call then returns Megatron's dummy itself (``weight_grad_stand_in``), and the
 depths still return None, so the weight gets exactly one gradient; or None too where DDP does not overlap its
-reduction (``MTPConfig.ddp_overlaps_grad_reduce``), so the dummy is never made. (A broadcast zero, ``zeros(()).expand(...)``,
-would not save the buffer: autograd copies a first gradient without the weight's strides into a new tensor.)
+reduction (``MTPConfig.ddp_overlaps_grad_reduce``), so the dummy is never made. (A broadcast zero,
+``zeros(()).expand(...)``, would not save the buffer: autograd copies a first gradient without the weight's strides
+into a new tensor.)
 
 Which variant (``grad_in_forward=None``, the default): without metrics, recompute. With metrics
 (:func:`gradients_in_forward`): with ``main_grad``, recompute, adding each chunk's ``dL/dW`` straight into ``main_grad`` in backward, so no weight-sized buffer
