@@ -62,6 +62,18 @@ class MTPConfig:
     gradient goes into Megatron DDP's ``main_grad`` (gradient-accumulation fusion), else keep the gradients only
     where they are no larger than the depth's logits (``loss.chunked.gradients_in_forward``)."""
 
+    ddp_overlaps_grad_reduce: bool = True
+    """Whether Megatron DDP wrapping the model overlaps its gradient reduction with backward
+    (``DistributedDataParallelConfig.overlap_grad_reduce``, Megatron-LM's ``--overlap-grad-reduce``). Matters only
+    under gradient-accumulation fusion, where the chunked main loss and the word-embedding lookup add their weight
+    gradient into ``main_grad`` (``main_grad.py``). True (default, safe with any DDP setting): when no output layer
+    of Megatron's returns its dummy weight gradient for the weight, they return it themselves ([V/tp, h], kept live
+    through backward), because DDP's hook asserts ``param.grad is not None`` under overlap. False (Megatron-LM's
+    default setting): they return None, so that buffer never exists (no MTP with the chunked main loss peaks
+    below GPTModel). False while DDP does overlap fails in backward with Megatron's assertion "param.grad being
+    None is not safe when overlap_grad_reduce is True", never silently. Megatron-LM's integration and our
+    pretrain script set it from their DDP config."""
+
     latent_consistency_weight: float = 0.0
     """alpha of ``MSE(h_k[t], stopgrad(h_0[t+k]))`` (latent semantic enhancement, arXiv 2604.06155); 0 = off."""
 
@@ -98,6 +110,8 @@ class MTPConfig:
             )
         if not (self.loss_recompute_logits is None or isinstance(self.loss_recompute_logits, bool)):
             raise ValueError(f"MTP loss_recompute_logits must be None, True or False, got {self.loss_recompute_logits!r}")
+        if not isinstance(self.ddp_overlaps_grad_reduce, bool):
+            raise TypeError(f"MTP ddp_overlaps_grad_reduce must be a bool, got {self.ddp_overlaps_grad_reduce!r}")
         if type(self.loss_chunk_size) is not int or self.loss_chunk_size < 1:
             raise ValueError(f"MTP loss_chunk_size must be an int >= 1, got {self.loss_chunk_size!r}")
         _check_scale("MTP latent_consistency_weight", self.latent_consistency_weight)

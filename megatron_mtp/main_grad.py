@@ -8,7 +8,9 @@ dummy is zero then). The chunked loss (``loss/chunked.py``) and the fused word-e
 
 Per backward, one user of the weight returns the dummy and the others None: the dummy is what keeps
 ``param.grad`` set for DDP's hook under ``overlap_grad_reduce`` (which asserts it), and two gradients for one
-weight would make autograd sum them into a new weight-sized tensor.
+weight would make autograd sum them into a new weight-sized tensor. Without overlap DDP's hook skips a None
+``param.grad``: callers then pass ``stand_in=False`` (``MTPConfig.ddp_overlaps_grad_reduce``) and no user returns
+the dummy, unless Megatron's own output layer does.
 """
 
 from typing import Optional

@@ -111,6 +111,7 @@ class MTPModelMixin:
                 self.embedding.word_embeddings,
                 config.gradient_accumulation_fusion,
                 output_layer_reads_weight=post_process and share_embeddings_and_output_weights,
+                ddp_overlaps_grad_reduce=mtp_config.ddp_overlaps_grad_reduce,
             )
         if self.mtp_process and share_embeddings_and_output_weights and not pre_process:
             # The output layer and the MTP embedding lookups share this stage's embedding copy, as the embedding
@@ -148,7 +149,12 @@ class MTPModelMixin:
         want_main_predictions = run_mtp and call.stats is not None
         if self._chunks_main_loss(hidden_states, kwargs):
             output, main_predictions = chunked_token_loss(
-                hidden_states, self._output_head(), labels, want_main_predictions, self.mtp_config.loss_chunk_size
+                hidden_states,
+                self._output_head(),
+                labels,
+                want_main_predictions,
+                self.mtp_config.loss_chunk_size,
+                weight_grad_stand_in=self.mtp_config.ddp_overlaps_grad_reduce,
             )
         else:
             with _main_predictions_recorded(self.output_layer, enabled=want_main_predictions) as main:

@@ -229,6 +229,7 @@ def _build(settings: dict, device: str):
         model_parallel_cuda_manual_seed(1234)
 
     case, depth = settings["case"], settings["depth"]
+    ddp_config = DistributedDataParallelConfig()
     mtp = None
     if case not in ("none", "megatron"):
         mtp = MTPConfig(
@@ -238,6 +239,7 @@ def _build(settings: dict, device: str):
             loss_chunk_size=settings["chunk_size"],
             loss_recompute_logits={"seq-chunked-recompute": True, "seq-chunked-kept": False}.get(case),
             main_loss_implementation="chunked" if case.endswith("-main") else "plain",
+            ddp_overlaps_grad_reduce=ddp_config.overlap_grad_reduce,
         )
     hidden = settings["hidden_size"]
     config = TransformerConfig(
@@ -266,7 +268,7 @@ def _build(settings: dict, device: str):
         )
     model = model.to(device)
     if settings["megatron_ddp"]:
-        model = DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(), module=model)
+        model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (settings["micro_batch_size"], seq + 1), generator=generator).to(device)
     mask = torch.ones(settings["micro_batch_size"], seq, device=device)

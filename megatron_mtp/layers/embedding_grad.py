@@ -14,7 +14,8 @@ output gradient is zero and they add nothing (their lookup index is 0, like Mega
 Which user returns the dummy: a stage whose output layer reads this same weight (tied embeddings on the last
 stage: at PP=1 the embedding, at PP>1 the MTP stage's embedding copy) gets the dummy from that output layer (or
 from the chunked main loss standing in for it), so the lookup returns None; elsewhere the lookup is the weight's
-only user and returns the dummy. One forward makes one lookup with gradient (sequential MTP at PP=1 rolls the
+only user and returns the dummy, or None where DDP does not overlap its reduction
+(``MTPConfig.ddp_overlaps_grad_reduce``). One forward makes one lookup with gradient (sequential MTP at PP=1 rolls the
 decoder's own input; the tail embeddings are looked up without gradient). A caller that makes two (e.g. passes its
 own ``decoder_input`` to a PP=1 sequential MTP model) still gets exact gradients, at the cost of autograd summing
 two dummies into a weight-sized tensor.
@@ -37,7 +38,10 @@ from megatron_mtp.main_grad import weight_grad_in_main_grad
 
 
 def fuse_embedding_weight_grad(
-    embedding: VocabParallelEmbedding, gradient_accumulation_fusion: bool, output_layer_reads_weight: bool
+    embedding: VocabParallelEmbedding,
+    gradient_accumulation_fusion: bool,
+    output_layer_reads_weight: bool,
+    ddp_overlaps_grad_reduce: bool = True,
 ) -> None:
     """Make ``embedding`` (a built ``VocabParallelEmbedding``) a :class:`MainGradVocabParallelEmbedding` in place.
 
@@ -45,12 +49,13 @@ def fuse_embedding_weight_grad(
         gradient_accumulation_fusion: ``TransformerConfig.gradient_accumulation_fusion``.
         output_layer_reads_weight: this stage's output layer uses the same weight (tied embeddings on the stage
             with the output layer); it then returns the dummy gradient, and the lookup None.
+        ddp_overlaps_grad_reduce: ``MTPConfig.ddp_overlaps_grad_reduce``; False: the lookup always returns None.
     """
     if not isinstance(embedding, VocabParallelEmbedding):
         raise TypeError(f"expected a VocabParallelEmbedding, got {type(embedding).__name__}")
     embedding.__class__ = MainGradVocabParallelEmbedding
     embedding.gradient_accumulation_fusion = gradient_accumulation_fusion
-    embedding.returns_weight_grad_stand_in = not output_layer_reads_weight
+    embedding.returns_weight_grad_stand_in = ddp_overlaps_grad_reduce and not output_layer_reads_weight
 
 
 class MainGradVocabParallelEmbedding(VocabParallelEmbedding):

@@ -27,8 +27,10 @@ Megatron's dummy weight gradient (TransformerEngine's one cached buffer on GPU);
 would make autograd sum the two into a new ``[V/tp, h]`` tensor. That dummy is also what keeps ``param.grad`` set
 for DDP's hook under ``overlap_grad_reduce`` (which asserts it). When the main loss is chunked too, that output
 layer never runs: the main loss's call then returns Megatron's dummy itself (``weight_grad_stand_in``), and the
-depths still return None, so the weight gets exactly one gradient. (A broadcast zero, ``zeros(()).expand(...)``,
-would not save the buffer: autograd copies a first gradient without the weight's strides into a new tensor.)
+depths still return None, so the weight gets exactly one gradient; or None too where DDP does not overlap its
+reduction (``MTPConfig.ddp_overlaps_grad_reduce``), so the dummy is never made. (A broadcast zero,
+``zeros(()).expand(...)``, would not save the buffer: autograd copies a first gradient without the weight's strides
+into a new tensor.)
 
 Which variant (``grad_in_forward=None``, the default): without metrics, recompute. With metrics
 (:func:`gradients_in_forward`): with ``main_grad``, recompute, adding each chunk's ``dL/dW`` straight into ``main_grad`` in backward, so no weight-sized buffer
@@ -65,6 +67,7 @@ def chunked_token_loss(
     labels: torch.Tensor,
     want_predictions: bool,
     chunk_size: int,
+    weight_grad_stand_in: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The main next-token loss as ``GPTModel.compute_language_model_loss`` returns it, chunked.
 
@@ -72,6 +75,8 @@ def chunked_token_loss(
         hidden_states: the decoder output h_0, [s, b, h] ([s/tp, b, h] under sequence parallelism).
         labels: [b, s] global ids.
         want_predictions: also return the greedy ids (for the MTP acceptance metrics against the main model).
+        weight_grad_stand_in: with the weight gradient added into ``main_grad``, return Megatron's dummy for the
+            weight (False: None; safe only without overlapped DDP reduction, ``MTPConfig.ddp_overlaps_grad_reduce``).
     Returns:
         per-token loss [b, s] fp32, unmasked (the loss function masks it; its backward takes a per-token gradient),
         and the greedy ids [b, s] or None.
@@ -79,7 +84,7 @@ def chunked_token_loss(
     x, weight, into_main_grad, (seq_len, batch) = _prepare(hidden_states, head)
     token_loss, predictions = ChunkedVocabParallelCrossEntropy.apply(
         x, weight, labels.t().reshape(-1), None, head.tp_group, chunk_size, False, want_predictions,
-        into_main_grad, into_main_grad,
+        into_main_grad, weight_grad_stand_in,
     )
     predictions = predictions.view(seq_len, batch).t() if want_predictions else None
     return token_loss.view(seq_len, batch).t().contiguous(), predictions

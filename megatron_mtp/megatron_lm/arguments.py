@@ -1,6 +1,7 @@
 """Our ``--mtp-*`` flags inside Megatron-LM's parser, and the checks of their combination with Megatron-LM's."""
 
 import argparse
+from dataclasses import replace
 from typing import Callable, Optional
 
 from megatron.core.transformer.pipeline_parallel_layer_layout import LayerType, PipelineParallelLayerLayout
@@ -33,7 +34,7 @@ def mtp_extra_args_provider(chained: Optional[ExtraArgsProvider] = None) -> Extr
 
 def mtp_config_from_megatron_args(args: argparse.Namespace) -> MTPConfig:
     """The MTP config of a Megatron-LM run; combinations megatron_mtp cannot run are errors naming the flags."""
-    config = mtp_config_from_args(args)
+    config = replace(mtp_config_from_args(args), ddp_overlaps_grad_reduce=getattr(args, "overlap_grad_reduce", True))
     if not config.enabled:
         return config
     for dest, flag in MEGATRON_CORE_MTP_ONLY_FLAGS.items():

@@ -3,7 +3,7 @@
 import argparse
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import torch
@@ -167,6 +167,13 @@ def build_model(args: argparse.Namespace, runtime: Runtime, config: TransformerC
     stage). Returns the list Megatron-Core's schedules and optimizer take."""
     virtual = config.virtual_pipeline_model_parallel_size
     stages = range(virtual) if virtual else [None]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=runtime.grad_reduce_in_fp32,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    mtp_config = replace(args.mtp_config, ddp_overlaps_grad_reduce=ddp_config.overlap_grad_reduce)
+    args = argparse.Namespace(**{**vars(args), "mtp_config": mtp_config})
     chunks = []
     for vp_stage in stages:
         model = build_core_model(args, runtime, config, vocab_size, vp_stage)
@@ -175,11 +182,7 @@ def build_model(args: argparse.Namespace, runtime: Runtime, config: TransformerC
         chunks.append(
             DistributedDataParallel(
                 config=config,
-                ddp_config=DistributedDataParallelConfig(
-                    grad_reduce_in_fp32=runtime.grad_reduce_in_fp32,
-                    overlap_grad_reduce=False,
-                    use_distributed_optimizer=args.use_distributed_optimizer,
-                ),
+                ddp_config=ddp_config,
                 module=model,
                 disable_bucketing=len(chunks) > 0,  # as Megatron-LM: one bucket for every chunk after the first
             )

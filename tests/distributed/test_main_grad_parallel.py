@@ -4,7 +4,8 @@ output weights put the MTP loss's share into the last stage's embedding copy (wh
 embeddings from); untied ones into the last stage's output layer. Chunked loss with its default choices. The
 word-embedding lookups (stage 0's, and the last stage's copy under sequential MTP) add into ``main_grad`` too
 (``layers/embedding_grad.py``); some cases run the fused step with overlapped reduction and the distributed
-optimizer."""
+optimizer; the others tell the model that DDP does not overlap (``MTPConfig.ddp_overlaps_grad_reduce``), so
+no stand-in weight gradient is handed to autograd."""
 
 from megatron.core.utils import unwrap_model
 
@@ -22,7 +23,7 @@ def _fusion_off_minus_on(cases, tp, pp):
     results = []
     for mode, tied, overlap in cases:
         layers = dict(num_layers=2, mode=mode) if mode else dict(num_layers=0)
-        mtp = MTPConfig(depth_weighting="harmonic", loss_chunk_size=5, **layers)
+        mtp = MTPConfig(depth_weighting="harmonic", loss_chunk_size=5, ddp_overlaps_grad_reduce=overlap, **layers)
         weights, main_grads = None, {}
         for fusion in (False, True):
             config = transformer_config(mtp, tp=tp, pp=pp, sp=tp > 1, gradient_accumulation_fusion=fusion)

@@ -122,3 +122,14 @@ def test_our_flag_errors_name_the_flag(megatron_lm, monkeypatch):
     args = _parse(megatron_lm, monkeypatch, "--mtp-num-layers", "2", "--mtp-geometric-gamma", "0.5", validate=False)
     with pytest.raises(ValueError, match="--mtp-geometric-gamma only applies with --mtp-depth-weighting geometric"):
         mtp_config_from_megatron_args(args)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["default", "overlap-grad-reduce"])
+def test_the_mtp_config_knows_whether_ddp_overlaps_its_gradient_reduction(megatron_lm, monkeypatch, overlap):
+    # Without overlap (Megatron-LM's default) the model may hand DDP no stand-in weight gradient.
+    from megatron_mtp.megatron_lm import mtp_config_from_megatron_args
+
+    flags = ["--overlap-grad-reduce"] if overlap else []
+    args = _parse(megatron_lm, monkeypatch, "--mtp-num-layers", "1", *flags)
+    assert args.overlap_grad_reduce == overlap
+    assert mtp_config_from_megatron_args(args).ddp_overlaps_grad_reduce == overlap

@@ -187,3 +187,14 @@ def test_moe_with_bias_linears_is_refused_without_transformer_engine(single_proc
     runtime = Runtime("cpu", *precision(args), 1, 1, 2)
     with pytest.raises(ValueError, match=r"--num-experts with bias linears \(the default; --disable-bias-linear removes"):
         build_model(args, runtime, transformer_config(args, runtime), 384)
+
+
+def test_pretrain_models_know_that_their_ddp_does_not_overlap_gradient_reduction(single_process):
+    # So that, under gradient-accumulation fusion, they hand DDP no stand-in weight gradient (MTPConfig).
+    from megatron_mtp.training.setup import Runtime, build_model, precision, transformer_config
+
+    args = parse_args(REQUIRED + ["--mtp-num-layers", "1"])
+    runtime = Runtime("cpu", *precision(args), 1, 1, 2)
+    (chunk,) = build_model(args, runtime, transformer_config(args, runtime), 384)
+    assert chunk.ddp_config.overlap_grad_reduce is False
+    assert chunk.module.mtp_config.ddp_overlaps_grad_reduce is False

@@ -17,6 +17,7 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from megatron_mtp import cpu_bridge
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.layers.embedding_grad import fuse_embedding_weight_grad
 from megatron_mtp.loss.chunked import chunked_depth_loss, gradients_in_forward
@@ -125,6 +126,34 @@ def test_fused_step_makes_no_embedding_sized_gradient(single_process, fusion, mo
     with _NewTensorsOfShape(model.module.embedding.word_embeddings.weight.shape) as new:
         train_step(model, config, make_batches(2))
     assert (new.count == 0) == fusion, new.count
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_without_overlapped_reduction_no_user_returns_a_stand_in_gradient(single_process, monkeypatch, model, tied):
+    # MTPConfig.ddp_overlaps_grad_reduce=False (DDP not overlapping): the chunked main loss and the fused lookup
+    # hand autograd None; DDP's hook skips it, so the main_grads are fusion off's, and (bar GPTModel's own output
+    # layer, which the plain main loss runs) no output-weight-sized tensor is made, not even Megatron's dummy,
+    # cached across steps like TE's (emptied here, so that making it counts). Two query groups make the attention's
+    # QKV weight [64, 32], not the vocabulary's [96, 32], so that its own dummy is not counted.
+    mtp = MTPConfig(loss_chunk_size=7, ddp_overlaps_grad_reduce=False, **MODELS[model])
+    weights, expected = _step_main_grads(mtp, tied, fusion=False)
+    _, fused = _step_main_grads(mtp, tied, fusion=True, weights=weights)
+    for name, grad in expected.items():
+        torch.testing.assert_close(fused[name], grad, atol=1e-5, rtol=0, msg=lambda text: f"{name}: {text}")
+    config = transformer_config(mtp, gradient_accumulation_fusion=True, num_query_groups=2)
+    ddp_model = wrap_ddp(build_model_with_weights(config, mtp, tied)[0], config)
+    monkeypatch.setattr(cpu_bridge, "_dummy_wgrads", {})
+    with _NewTensorsOfShape(ddp_model.module.embedding.word_embeddings.weight.shape) as new:
+        train_step(ddp_model, config, make_batches(1))
+    assert (new.count == 0) == (MODELS[model].get("main_loss_implementation") != "plain"), new.count
+
+
+def test_no_stand_in_under_overlapped_reduction_fails_loudly(single_process):
+    # A config claiming no overlap on a DDP that overlaps: Megatron's hook refuses the None gradient.
+    mtp = MTPConfig(num_layers=0, loss_chunk_size=7, main_loss_implementation="chunked", ddp_overlaps_grad_reduce=False)
+    with pytest.raises(AssertionError, match="param.grad being None is not safe when overlap_grad_reduce is True"):
+        _step_main_grads(mtp, tied=False, fusion=True, overlap_grad_reduce=True)
 
 
 @pytest.mark.parametrize("output_layer_reads_weight", [False, True], ids=["only-user", "tied"])
