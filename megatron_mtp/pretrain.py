@@ -73,8 +73,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     _print(
         f"training {sum(p.numel() for chunk in model for p in chunk.parameters()):,} parameters on this rank, "
         f"MTP {args.mtp_config.mode} D={args.mtp_config.num_layers}, world {dist.get_world_size()} "
-        f"(TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size} x {len(model)} virtual, "
-        f"CP {args.context_parallel_size}, "
+        f"(TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}"
+        + (f" x {len(model)} virtual" if len(model) > 1 else "")
+        + (f", CP {args.context_parallel_size}" if args.context_parallel_size > 1 else "")
+        + ", "
         f"DP {runtime.data_parallel_size}), "
         f"{runtime.global_batch_size} samples x {args.seq_length} tokens per step, {_precision(runtime)}, "
         f"gradient-accumulation fusion {'on' if config.gradient_accumulation_fusion else 'off'}, data {' '.join(data_path)}"
