@@ -47,6 +47,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron_mtp import compat
 from megatron_mtp.cpu_packed_attention import PackedSDPACoreAttention
+from megatron_mtp.main_grad import add_weight_grad_fp32
 
 _state = threading.local()
 _CPU = torch.device("cpu")
@@ -217,8 +218,9 @@ def _cached_dummy_wgrad(shape: list, dtype: torch.dtype, zero: bool = False) -> 
 
 
 def _wgrad_gemm_accum_fp32(input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-    """apex's kernel: ``main_grad [out, in] += grad_output [n, out]^T @ input [n, in]`` in fp32, in place."""
-    main_grad.addmm_(grad_output.t().float(), input.float())
+    """apex's kernel: ``main_grad [out, in] += grad_output [n, out]^T @ input [n, in]`` in fp32, in place (16-bit
+    inputs read as they are: no fp32 copy of the whole ``grad_output``)."""
+    add_weight_grad_fp32(main_grad, input, grad_output)
 
 
 def _wgrad_gemm_accum_16bit(input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:

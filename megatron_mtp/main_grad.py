@@ -32,3 +32,17 @@ def weight_grad_in_main_grad(weight: torch.Tensor, dtype: torch.dtype, stand_in:
     if mcore_layers.HAVE_TE:
         return mcore_layers.get_dummy_wgrad(list(weight.shape), dtype, zero=zero)
     return (torch.zeros if zero else torch.empty)(weight.shape, dtype=dtype, device=weight.device)
+
+
+def add_weight_grad_fp32(grad_weight: torch.Tensor, input: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """``grad_weight [out, in] += grad_output [n, out]^T @ input [n, in]``, summed in fp32, in place.
+
+    16-bit inputs are cast to fp32 a quarter of the rows at a time, so no fp32 copy of a whole ``[n, out]``
+    gradient exists (a GEMM with fp32 accumulation, as apex's ``wgrad_gemm_accum_fp32``, makes none).
+    """
+    if input.dtype == grad_output.dtype == torch.float32:
+        grad_weight.addmm_(grad_output.t(), input)
+        return
+    rows = max(1, -(-input.size(0) // 4))
+    for start in range(0, input.size(0), rows):
+        grad_weight.addmm_(grad_output[start : start + rows].t().float(), input[start : start + rows].float())

@@ -57,7 +57,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from megatron_mtp.loss.metrics import vocab_slice_start
-from megatron_mtp.main_grad import weight_grad_in_main_grad
+from megatron_mtp.main_grad import add_weight_grad_fp32, weight_grad_in_main_grad
 from megatron_mtp.loss.mtp_loss import DepthLoss, OutputHead
 
 
@@ -210,7 +210,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             if want_stats:
                 predictions[rows] = chunk.predictions
             if keep_grads:
-                _backpropagate_chunk(chunk.grad_logits(mask[rows]), x, weight, rows, grad_x, _adder(grad_weight))
+                _backpropagate_chunk(chunk, mask[rows], x, weight, rows, grad_x, _adder(grad_weight))
             del chunk  # its [c, V/tp] logits, before the next chunk makes its own
         ctx.tp_group, ctx.chunk_size, ctx.vocab_start = tp_group, chunk_size, vocab_start
         ctx.kept_grads, ctx.consumed, ctx.per_token = keep_grads, False, per_token
@@ -249,7 +249,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + ctx.chunk_size)
             chunk = _ChunkLogits(x[rows], weight, labels[rows], ctx.vocab_start, ctx.tp_group, False)
             scale = grad_loss[rows] if ctx.per_token else mask[rows] * grad_loss
-            _backpropagate_chunk(chunk.grad_logits(scale), x, weight, rows, grad_x, add_weight_grad)
+            _backpropagate_chunk(chunk, scale, x, weight, rows, grad_x, add_weight_grad)
             del chunk
         if ctx.main_grad is None:
             return grad_x, grad_weight.to(weight.dtype), *_NONES
@@ -305,27 +305,30 @@ class _ChunkLogits:
         self.token_loss = torch.log(self.sum_exp) - sums[1]  # [c]
 
     def grad_logits(self, scale: torch.Tensor) -> torch.Tensor:
-        """scale[t] * (softmax - onehot(label)) for this slice, [c, V/tp] fp32 (overwrites the logits buffer).
+        """scale[t] * (softmax - onehot(label)) for this slice, [c, V/tp] fp32 (the logits buffer, overwritten and
+        handed over: the chunk keeps no reference, so casting it to a 16-bit dtype frees the fp32 buffer).
 
         scale: [c], the loss mask (times the incoming gradient when recomputing in backward).
         """
-        grad = self.exp.mul_((scale / self.sum_exp).unsqueeze(-1))
+        grad, self.exp = self.exp, None
+        grad.mul_((scale / self.sum_exp).unsqueeze(-1))
         rows = torch.arange(grad.size(0), device=grad.device)
         grad[rows, self.local_labels] -= scale * self.owns_label
         return grad
 
 
-def _backpropagate_chunk(grad_logits, x, weight, rows, grad_x, add_weight_grad) -> None:
-    """From one chunk's dL/dlogits [c, V/tp] (fp32): grad_x[rows] = it @ W ([c, h]), and its transpose @ x[rows]
-    ([V/tp, h]) to the weight gradient through ``add_weight_grad(x[rows], dL/dlogits)``."""
-    grad_logits = grad_logits.to(x.dtype)
+def _backpropagate_chunk(chunk, scale, x, weight, rows, grad_x, add_weight_grad) -> None:
+    """From one chunk's dL/dlogits [c, V/tp] (``chunk.grad_logits(scale)``, fp32, cast to x's dtype with the fp32
+    buffer freed): grad_x[rows] = it @ W ([c, h]), and its transpose @ x[rows] ([V/tp, h]) to the weight gradient
+    through ``add_weight_grad(x[rows], dL/dlogits)``."""
+    grad_logits = chunk.grad_logits(scale).to(x.dtype)
     grad_x[rows] = grad_logits @ weight
     add_weight_grad(x[rows], grad_logits)
 
 
 def _adder(grad_weight: torch.Tensor):
     """Accumulates into an fp32 buffer, in place (the chunk's inputs are cast, not the product)."""
-    return lambda input, grad_output: grad_weight.addmm_(grad_output.t().float(), input.float())
+    return lambda input, grad_output: add_weight_grad_fp32(grad_weight, input, grad_output)
 
 
 def _fused_adder(main_grad: torch.Tensor):
