@@ -14,12 +14,17 @@ the table reports each case's added memory above that floor against Megatron-Cor
 
 ``--megatron-ddp`` wraps the model in Megatron's DistributedDataParallel (fp32 ``main_grad`` buffers, as
 Megatron trains) and ``--gradient-accumulation-fusion`` turns on Megatron-LM's GPU default, where weight
-gradients go straight into ``main_grad`` (on CPU through the bridge's stand-in for apex's kernel).
+gradients go straight into ``main_grad`` (on CPU through the bridge's stand-in for apex's kernel). ``--bf16``
+trains as Megatron-LM's ``--bf16`` does: bf16 parameters under ``Float16Module``, fp32 ``main_grad``.
+``--attention sdpa`` runs every layer's core attention on ``scaled_dot_product_attention`` with a causal flag
+(flash attention on GPU and on CPU: no ``[b, heads, s, s]`` scores kept), standing in for TransformerEngine's
+fused attention that GPU runs use; ``local`` is Megatron-Core's unfused ``DotProductAttention``.
 
     python tools/bench_mtp.py                       # CPU: hidden 256, 4 layers, seq 256, batch 4
     python tools/bench_mtp.py --depths 1 --vocab-sizes 32000 --steps 2   # a quick look
     python tools/bench_mtp.py --megatron-ddp --gradient-accumulation-fusion --hidden-size 1024 \
         --seq-length 512 --micro-batch-size 1 --vocab-sizes 32000 --depths 1 2
+    python tools/bench_mtp.py --megatron-ddp --gradient-accumulation-fusion --bf16 --attention sdpa ...
 """
 
 import argparse
@@ -55,6 +60,8 @@ def main() -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     if args.gradient_accumulation_fusion and not args.megatron_ddp:
         raise SystemExit("--gradient-accumulation-fusion needs --megatron-ddp (main_grad comes from Megatron's DDP)")
+    if args.bf16 and not args.megatron_ddp:
+        raise SystemExit("--bf16 needs --megatron-ddp (the fp32 main_grad of bf16 training comes from Megatron's DDP)")
     no_mtp = ["none"] + [case for case in args.cases if case in NO_MTP_CASES and case != "none"]  # "none": the base
     jobs = [(vocab, 0, case) for vocab in args.vocab_sizes for case in no_mtp]
     if args.floor_vocab:
@@ -107,6 +114,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--gradient-accumulation-fusion", action="store_true",
         help="weight gradients straight into main_grad (needs --megatron-ddp; CPU: the bridge's kernel stand-in)",
+    )
+    parser.add_argument(
+        "--bf16", action="store_true",
+        help="bf16 parameters under Float16Module with fp32 main_grad, as Megatron-LM's --bf16 (needs --megatron-ddp)",
+    )
+    parser.add_argument(
+        "--attention", choices=["local", "sdpa"], default="local",
+        help="core attention: Megatron-Core's unfused DotProductAttention, or scaled_dot_product_attention with a "
+        "causal flag (flash attention, no [b, heads, s, s] scores; stands in for TransformerEngine's fused attention)",
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
@@ -204,6 +220,7 @@ def _build(settings: dict, device: str):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
+    from megatron.core.transformer.module import Float16Module
     from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -229,7 +246,7 @@ def _build(settings: dict, device: str):
         model_parallel_cuda_manual_seed(1234)
 
     case, depth = settings["case"], settings["depth"]
-    ddp_config = DistributedDataParallelConfig()
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=settings["bf16"])
     mtp = None
     if case not in ("none", "megatron"):
         mtp = MTPConfig(
@@ -249,12 +266,16 @@ def _build(settings: dict, device: str):
         num_attention_heads=max(hidden // 64, 1),
         normalization="RMSNorm",
         use_cpu_initialization=device == "cpu",
+        bf16=settings["bf16"],
+        params_dtype=torch.bfloat16 if settings["bf16"] else torch.float32,
         gradient_accumulation_fusion=settings["gradient_accumulation_fusion"],
         hidden_dropout=0.0,
         attention_dropout=0.0,
         mtp_num_layers=depth if case == "megatron" else (mtp.megatron_mtp_num_layers if mtp else None),
     )
     spec = get_gpt_layer_local_spec()
+    if settings["attention"] == "sdpa":
+        spec = cpu_bridge.with_packed_attention(spec)  # SDPA core attention; it takes packed batches too
     common = dict(position_embedding_type="rope")
     vocab, seq = settings["vocab"], settings["seq_length"]
     if mtp is None:
@@ -267,6 +288,8 @@ def _build(settings: dict, device: str):
             mtp_block_spec=get_mtp_block_spec(spec, mtp) if mtp.enabled else None, **common
         )
     model = model.to(device)
+    if settings["bf16"]:
+        model = Float16Module(config, model)
     if settings["megatron_ddp"]:
         model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     generator = torch.Generator().manual_seed(0)
@@ -275,7 +298,9 @@ def _build(settings: dict, device: str):
     batch = dict(
         input_ids=tokens[:, :-1].contiguous(),
         position_ids=torch.arange(seq, device=device).expand_as(mask).contiguous(),
-        attention_mask=torch.ones(1, 1, seq, seq, dtype=torch.bool, device=device).triu(1),
+        # SDPA: no mask tensor, so the causal flag picks flash attention
+        attention_mask=None if settings["attention"] == "sdpa"
+        else torch.ones(1, 1, seq, seq, dtype=torch.bool, device=device).triu(1),
         labels=tokens[:, 1:].contiguous(),
         loss_mask=mask,
     )
@@ -319,7 +344,7 @@ def _markdown(rows: list, args) -> str:
     ddp = "Megatron DDP" if args.megatron_ddp else "no DDP"
     lines = [
         f"hidden {args.hidden_size}, {args.num_layers} layers, seq {args.seq_length}, batch {args.micro_batch_size}, "
-        f"fp32, {ddp}, gradient-accumulation fusion {'on' if args.gradient_accumulation_fusion else 'off'}, "
+        f"{'bf16' if args.bf16 else 'fp32'}, {args.attention} attention, {ddp}, gradient-accumulation fusion {'on' if args.gradient_accumulation_fusion else 'off'}, "
         f"device {device}, chunk {args.chunk_size}; median of {args.steps} steps x {args.rounds} round(s) after "
         f"{args.warmup} warm-up; memory = peak allocated bytes of a fresh process (what is held plus a step's peak). "
         f"Floor: what Megatron-Core's MTP adds at vocab {args.floor_vocab} (its MTP layers, next to no logits).",
