@@ -1,5 +1,6 @@
 """Side-by-side benchmark: no MTP, Megatron-Core's MTP, and ours (sequential plain / chunked, parallel heads; with
-the main next-token loss chunked too, with and without MTP: the ``-main`` cases; the others keep GPTModel's).
+the main next-token loss chunked too, with and without MTP: the ``-chunked-main`` cases; the others keep
+GPTModel's; ``none-plain-main`` is our model without MTP and with GPTModel's main loss).
 
 Every (vocab, D, implementation) case runs in a fresh process, so its peak memory is its own: the peak of the
 bytes allocated, ``torch.cuda.max_memory_allocated`` on GPU and the same reckoning on CPU (the model's storages
@@ -45,11 +46,14 @@ CASES = {
     "seq-chunked-recompute": "ours, sequential, chunked loss, logits recomputed in backward",
     "seq-chunked-kept": "ours, sequential, chunked loss, gradients kept from forward",
     "parallel": "ours, parallel heads, chunked loss",
+    "none-plain-main": "ours, no MTP, GPTModel's main loss",
     "none-chunked-main": "ours, no MTP, chunked main loss",
     "seq-chunked-main": "ours, sequential, chunked loss, chunked main loss",
 }
-NO_MTP_CASES = ("none", "none-chunked-main")  # measured once per vocabulary, at D=0
-"""Our cases other than the ``-main`` ones keep GPTModel's output layer and loss for the main next-token loss."""
+NO_MTP_CASES = ("none", "none-plain-main", "none-chunked-main")  # measured once per vocabulary, at D=0
+"""Our cases other than the ``-chunked-main`` ones keep GPTModel's output layer and loss for the main next-token
+loss. ``none-plain-main`` is our model without MTP (what our MTP cases add to, e.g. with the fused word-embedding
+lookup): each MTP case's "own addition" is over its own implementation's no-MTP case of the same main loss."""
 
 
 def main() -> None:
@@ -255,7 +259,7 @@ def _build(settings: dict, device: str):
             loss_implementation="plain" if case == "seq-plain" else "chunked",
             loss_chunk_size=settings["chunk_size"],
             loss_recompute_logits={"seq-chunked-recompute": True, "seq-chunked-kept": False}.get(case),
-            main_loss_implementation="chunked" if case.endswith("-main") else "plain",
+            main_loss_implementation="chunked" if case.endswith("chunked-main") else "plain",
             ddp_overlaps_grad_reduce=ddp_config.overlap_grad_reduce,
         )
     hidden = settings["hidden_size"]
@@ -335,6 +339,18 @@ def _summarise(samples: dict, args) -> list:
             if floor_mb is not None and row["added_mb"] is not None and reference["added_mb"] > floor_mb:
                 row["floor_mb"] = floor_mb
                 row["above_floor_vs_megatron"] = (row["added_mb"] - floor_mb) / (reference["added_mb"] - floor_mb)
+    own_base = {(r["vocab"], r["case"]): r for r in rows if r["case"] in NO_MTP_CASES}
+    for row in rows:
+        base_case = "none" if row["case"] in ("none", "megatron") else (
+            "none-chunked-main" if row["case"].endswith("chunked-main") else "none-plain-main"
+        )
+        own = own_base.get((row["vocab"], base_case))
+        if row["depth"] and own:
+            row["own_added_mb"] = row["peak_mb"] - own["peak_mb"]
+    for row in rows:
+        reference = megatron.get((row["vocab"], row["depth"]))
+        if reference and row.get("own_added_mb") is not None and reference.get("own_added_mb"):
+            row["own_added_vs_megatron"] = row["own_added_mb"] / reference["own_added_mb"]
     rows.sort(key=lambda r: (r["vocab"], r["depth"], list(CASES).index(r["case"])))
     return rows
 
@@ -347,17 +363,19 @@ def _markdown(rows: list, args) -> str:
         f"{'bf16' if args.bf16 else 'fp32'}, {args.attention} attention, {ddp}, gradient-accumulation fusion {'on' if args.gradient_accumulation_fusion else 'off'}, "
         f"device {device}, chunk {args.chunk_size}; median of {args.steps} steps x {args.rounds} round(s) after "
         f"{args.warmup} warm-up; memory = peak allocated bytes of a fresh process (what is held plus a step's peak). "
-        f"Floor: what Megatron-Core's MTP adds at vocab {args.floor_vocab} (its MTP layers, next to no logits).",
+        f"Floor: what Megatron-Core's MTP adds at vocab {args.floor_vocab} (its MTP layers, next to no logits). "
+        "Own addition: the peak over the same implementation without MTP and with the same main loss (Megatron-Core: "
+        "GPTModel; ours: our model with GPTModel's or the chunked main loss).",
         "",
         "| vocab | D | implementation | step (s) | time vs Megatron | peak (MB) | added over no MTP (MB) "
-        "| added vs Megatron | floor (MB) | added above floor vs Megatron |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| added vs Megatron | floor (MB) | added above floor vs Megatron | own addition (MB) | own addition vs Megatron |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        time_ratio, added, added_ratio, floor, above_floor = (_format(r, key, pattern) for key, pattern in _OPTIONAL_COLUMNS)
+        optional = " | ".join(_format(r, key, pattern) for key, pattern in _OPTIONAL_COLUMNS[1:])
         lines.append(
-            f"| {r['vocab']} | {r['depth']} | {CASES[r['case']]} | {r['step_s']:.3f} | {time_ratio} "
-            f"| {r['peak_mb']:.0f} | {added} | {added_ratio} | {floor} | {above_floor} |"
+            f"| {r['vocab']} | {r['depth']} | {CASES[r['case']]} | {r['step_s']:.3f} "
+            f"| {_format(r, *_OPTIONAL_COLUMNS[0])} | {r['peak_mb']:.0f} | {optional} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -368,6 +386,8 @@ _OPTIONAL_COLUMNS = (
     ("added_vs_megatron", "{:.2f}x"),
     ("floor_mb", "{:.0f}"),
     ("above_floor_vs_megatron", "{:.2f}x"),
+    ("own_added_mb", "{:.0f}"),
+    ("own_added_vs_megatron", "{:.2f}x"),
 )
 
 
