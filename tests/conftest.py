@@ -35,8 +35,43 @@ def single_process(gloo_world):
     """Megatron parallel state for one process (TP=PP=EP=1), seeded."""
     from megatron.core import parallel_state
 
-    parallel_state.destroy_model_parallel()
+    _release_model_parallel_groups()
     parallel_state.initialize_model_parallel(1, 1)
     cpu_bridge.manual_seed(1234)
     yield
+    _release_model_parallel_groups()
+
+
+def _release_model_parallel_groups():
+    """``destroy_model_parallel`` and destroy the gloo groups it only forgets: each set of groups holds about 50
+    threads, which a suite of a few hundred tests would otherwise pile up in this process (thousands, busy)."""
+    from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d
+
     parallel_state.destroy_model_parallel()
+    default = distributed_c10d._get_default_group()
+    for group in [g for g in distributed_c10d._world.pg_map if g is not default]:
+        torch.distributed.destroy_process_group(group)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small indexed dataset made from a few standard-library modules (the pretrain-script tests share it and its
+    index cache)."""
+    import json
+    import shutil
+    import subprocess
+
+    root = tmp_path_factory.mktemp("data")
+    sources = [os.path.join(os.path.dirname(json.__file__), name) for name in ("decoder.py", "encoder.py", "scanner.py")]
+    sources += [shutil.__file__, subprocess.__file__]
+    for source in sources:
+        shutil.copy(source, root / (os.path.basename(source) + ".txt"))
+    prefix = str(root / "tiny")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(
+        [sys.executable, os.path.join(repo, "tools", "preprocess_data.py"), "--input", *map(str, root.glob("*.txt")),
+         "--output-prefix", prefix],
+        check=True, capture_output=True,
+    )
+    return dict(prefix=prefix, cache=str(root / "cache"))

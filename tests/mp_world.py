@@ -20,10 +20,12 @@ def run_world(
     from conftest import free_port
 
     with tempfile.TemporaryDirectory() as result_dir:
-        context = mp.get_context("spawn")
+        context = _fresh_process_context()
         port = free_port()
+        job = os.path.join(result_dir, "job.pt")
+        torch.save((fn, args), job)  # a file, not the fork server's socket: it passes at most 256 tensors' fds
         procs = [
-            context.Process(target=_rank_main, args=(rank, world_size, port, tp, pp, ep, cp, vpp, fn, args, result_dir))
+            context.Process(target=_rank_main, args=(rank, world_size, port, tp, pp, ep, cp, vpp, job, result_dir))
             for rank in range(world_size)
         ]
         for proc in procs:
@@ -46,8 +48,24 @@ def run_world(
         return [torch.load(os.path.join(result_dir, f"{rank}.pt"), weights_only=False) for rank in range(world_size)]
 
 
-def _rank_main(rank, world_size, port, tp, pp, ep, cp, vpp, fn, args, result_dir):
+_PRELOADED = ("torch", "megatron.core.parallel_state", "megatron_mtp.cpu_bridge", "megatron_mtp.model")
+
+
+def _fresh_process_context():
+    """Every rank is a new process, forked from a server that imported torch and Megatron-Core once.
+
+    ``spawn`` would re-import them in every rank of every world (seconds each); a fork of the server costs next to
+    nothing and still shares no state with earlier worlds or with this process. The server forks before any
+    thread pool or process group exists, and ranks set everything up themselves (``_rank_main``).
+    """
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(list(_PRELOADED))
+    return context
+
+
+def _rank_main(rank, world_size, port, tp, pp, ep, cp, vpp, job, result_dir):
     try:
+        fn, args = torch.load(job, weights_only=False)
         import warnings
 
         warnings.filterwarnings("ignore")
@@ -56,6 +74,7 @@ def _rank_main(rank, world_size, port, tp, pp, ep, cp, vpp, fn, args, result_dir
         from megatron_mtp import cpu_bridge
 
         cpu_bridge.enable()
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # ranks share the cores, as under torchrun
         torch.distributed.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
         )

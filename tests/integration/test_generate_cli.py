@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from megatron_mtp import generate
-from test_pretrain import REPO, run, tiny_data  # noqa: F401 (tiny_data is a fixture)
+from test_pretrain import REPO, run
 
 PROMPT = "def parse(self, text):\n    "
 MODEL_FLAGS = ["--seq-length", "64", "--make-vocab-size-divisible-by", "160"]  # the TINY flags' that set shapes

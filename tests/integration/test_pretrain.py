@@ -25,36 +25,20 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A small indexed dataset made from a few standard-library modules."""
-    import json as json_module
-
-    root = tmp_path_factory.mktemp("data")
-    sources = [os.path.join(os.path.dirname(json_module.__file__), name) for name in ("decoder.py", "encoder.py", "scanner.py")]
-    sources += [shutil.__file__, subprocess.__file__]
-    for source in sources:
-        shutil.copy(source, root / (os.path.basename(source) + ".txt"))
-    prefix = str(root / "tiny")
-    subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", *map(str, root.glob("*.txt")),
-         "--output-prefix", prefix],
-        check=True, capture_output=True,
-    )
-    return dict(prefix=prefix, cache=str(root / "cache"))
+def _command(nproc, args):
+    """One process runs the script as plain ``python`` (it makes a world of one itself; saves torchrun's start);
+    more run under torchrun."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
+    return launcher + ["-m", "megatron_mtp.pretrain"] + TINY + list(args)
 
 
-def _command(nproc, args, script=None):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
-    target = [script] if script else ["-m", "megatron_mtp.pretrain"]
-    return launcher + target + TINY + list(args)
-
-
-def run(nproc, args, data, check=True, script=None, env=None, timeout=600):
+def run(nproc, args, data, check=True, timeout=600):
     args = ["--data-path", data["prefix"], "--data-cache-path", data["cache"], *args]
     result = subprocess.run(
-        _command(nproc, args, script), capture_output=True, text=True, timeout=timeout, cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        _command(nproc, args), capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     if check and result.returncode != 0:
         raise AssertionError(f"pretrain failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")

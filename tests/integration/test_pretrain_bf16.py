@@ -7,7 +7,7 @@ import math
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from test_pretrain import read_log, run, tiny_data  # noqa: F401 (tiny_data is a fixture)
+from test_pretrain import read_log, run
 
 BF16 = "bf16 parameters, fp32 main parameters, fp32 main_grad"
 LOSSES = ("lm_loss", "mtp_1_loss", "mtp_2_loss")

@@ -8,7 +8,7 @@ resumed from the hybrid run's checkpoint repeats its last iteration exactly."""
 import pytest
 
 from megatron_mtp.compat import HAS_HYBRID_MODEL
-from test_pretrain import read_log, run, tiny_data  # noqa: F401 (tiny_data: a fixture)
+from test_pretrain import read_log, run
 
 pytestmark = pytest.mark.skipif(
     not HAS_HYBRID_MODEL,
