@@ -360,11 +360,13 @@ def _markdown(rows: list, args) -> str:
     ddp = "Megatron DDP" if args.megatron_ddp else "no DDP"
     lines = [
         f"hidden {args.hidden_size}, {args.num_layers} layers, seq {args.seq_length}, batch {args.micro_batch_size}, "
-        f"{'bf16' if args.bf16 else 'fp32'}, {args.attention} attention, {ddp}, gradient-accumulation fusion {'on' if args.gradient_accumulation_fusion else 'off'}, "
+        f"{'bf16' if args.bf16 else 'fp32'}, {args.attention} attention, {ddp}, "
+        f"gradient-accumulation fusion {'on' if args.gradient_accumulation_fusion else 'off'}, "
         f"device {device}, chunk {args.chunk_size}; median of {args.steps} steps x {args.rounds} round(s) after "
         f"{args.warmup} warm-up; memory = peak allocated bytes of a fresh process (what is held plus a step's peak). "
-        f"Floor: what Megatron-Core's MTP adds at vocab {args.floor_vocab} (its MTP layers, next to no logits). "
-        "Own addition: the peak over the same implementation without MTP and with the same main loss (Megatron-Core: "
+        + (f"Floor: what Megatron-Core's MTP adds at vocab {args.floor_vocab} (its MTP layers, next to no logits). "
+           if args.floor_vocab else "")
+        + "Own addition: the peak over the same implementation without MTP and with the same main loss (Megatron-Core: "
         "GPTModel; ours: our model with GPTModel's or the chunked main loss).",
         "",
         "| vocab | D | implementation | step (s) | time vs Megatron | peak (MB) | added over no MTP (MB) "
