@@ -196,25 +196,32 @@ def _cpu_peak_allocated_mb(model, step) -> float:
     allocator. Not the RSS: untouched ``torch.empty`` pages and the model's initialisation would count there, and
     freed heap need not go back to the system."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     held = {}
     for tensor in [*model.parameters(), *torch.nn.Module.buffers(model)]:  # DDP names its grad buffers "buffers"
         for kept in (tensor, getattr(tensor, "main_grad", None)):
             if kept is not None:
                 held[kept.untyped_storage().data_ptr()] = kept.untyped_storage().nbytes()
+    return (sum(held.values()) + cpu_peak_new_bytes(step)) / 2**20
+
+
+def cpu_peak_new_bytes(run) -> int:
+    """The peak of the bytes allocated on CPU while ``run()`` runs, above what was allocated before it (the PyTorch
+    profiler's account of the CPU allocator)."""
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        step()
+        run()
     changes = sorted(
         (event.start_ns(), event.nbytes())
         for event in profiler.profiler.kineto_results.events()
         if event.name() == "[memory]"
     )
-    live = step_peak = 0
+    live = peak = 0
     for _, nbytes in changes:  # + allocated, - freed
         live += nbytes
-        step_peak = max(step_peak, live)
-    return (sum(held.values()) + step_peak) / 2**20
+        peak = max(peak, live)
+    return peak
 
 
 def _build(settings: dict, device: str):

@@ -8,7 +8,12 @@ kernel is the CPU bridge's stand-in. The chunked loss keeps no output-weight-siz
 ``main_grad``, and its automatic choice between keeping gradients from forward and recomputing the logits in
 backward follows the rule in ``loss/chunked.py``. The word-embedding lookup adds its weight gradient into
 ``main_grad`` too (``layers/embedding_grad.py``), with the same gradients, also under overlapped gradient reduction
-and the distributed optimizer, and no weight-sized tensor made in a step."""
+and the distributed optimizer, and no weight-sized tensor made in a step. In bf16 the chunked loss's backward holds
+one fp32 chunk of logits at a time, and fp32 sums of 16-bit weight-gradient products make no fp32 copy of a whole
+gradient (ours, and the bridge's stand-in for apex's kernel, which makes none)."""
+
+import os
+import sys
 
 import pytest
 import torch
@@ -23,6 +28,9 @@ from megatron_mtp.layers.embedding_grad import fuse_embedding_weight_grad
 from megatron_mtp.loss.chunked import chunked_depth_loss, gradients_in_forward
 from megatron_mtp.loss.mtp_loss import OutputHead
 from tiny import build_model_with_weights, global_names, make_batches, train_step, transformer_config, wrap_ddp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+from bench_mtp import cpu_peak_new_bytes  # noqa: E402
 
 LOSSES = {  # 32 tokens per micro-batch: the main loss is chunked by default with 7-token chunks, plain with 512
     "plain": dict(loss_implementation="plain"),
@@ -278,3 +286,34 @@ def test_automatic_choice_keeps_gradients_only_where_they_are_smaller_than_the_l
         grads, expected, forward_bytes, _ = _probed_gradients(head, 32)
         torch.testing.assert_close(grads, expected)
         assert (forward_bytes >= head.weight.numel() * 4) == kept
+
+
+def test_bf16_weight_gradient_sum_makes_no_fp32_copy_of_the_whole_gradient(gloo_world):
+    import fused_weight_gradient_mlp_cuda  # the CPU bridge's stand-in for apex's module
+
+    generator = torch.Generator().manual_seed(0)
+    tokens, vocab, hidden = 64, 512, 16
+    grad_output = torch.randn(tokens, vocab, generator=generator).bfloat16()
+    inputs = torch.randn(tokens, hidden, generator=generator).bfloat16()
+    main_grad = torch.ones(vocab, hidden)
+    with _LargestNewStorage() as probe:
+        fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(inputs, grad_output, main_grad)
+    torch.testing.assert_close(main_grad, 1.0 + grad_output.float().t() @ inputs.float())
+    assert probe.largest <= tokens * vocab * 4 // 4  # a quarter of the rows in fp32 at a time
+
+
+def test_bf16_chunked_backward_holds_one_fp32_chunk_of_logits(gloo_world):
+    """One 64-token chunk, V=4096: its fp32 logits are 1 MiB. Backward recomputes them (bf16, then fp32), turns them
+    into dL/dlogits in place and casts that to bf16, freeing the fp32 buffer before the matmuls: 1.5 MiB at most
+    at once, plus inputs. Keeping the fp32 buffer through the matmuls, or an fp32 copy of the whole bf16 gradient
+    in the weight-gradient sum, would make it 2.5 MiB."""
+    tokens, vocab, hidden = 64, 4096, 8
+    head = _FusedHead(vocab=vocab, hidden=hidden, fusion=True, main_grad=True)
+    head.weight.data = head.weight.data.bfloat16()
+    hidden_states, labels, mask = _inputs(tokens, vocab, hidden)
+    hidden_states = hidden_states.detach().bfloat16().requires_grad_()
+    result = chunked_depth_loss(hidden_states, OutputHead(head, None, None), labels, mask, False, tokens, False)
+    peak = cpu_peak_new_bytes(lambda: result.loss_sum.backward())
+    fp32_logits = tokens * vocab * 4
+    assert head.weight.grad_added_to_main_grad and head.weight.main_grad.abs().sum() > 0
+    assert fp32_logits * 1.5 <= peak < fp32_logits * 2, peak
