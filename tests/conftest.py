@@ -63,7 +63,8 @@ def tiny_data(tmp_path_factory):
     import subprocess
 
     root = tmp_path_factory.mktemp("data")
-    sources = [os.path.join(os.path.dirname(json.__file__), name) for name in ("decoder.py", "encoder.py", "scanner.py")]
+    json_modules = ("decoder.py", "encoder.py", "scanner.py")
+    sources = [os.path.join(os.path.dirname(json.__file__), name) for name in json_modules]
     sources += [shutil.__file__, subprocess.__file__]
     for source in sources:
         shutil.copy(source, root / (os.path.basename(source) + ".txt"))

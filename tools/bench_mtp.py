@@ -377,7 +377,8 @@ def _markdown(rows: list, args) -> str:
         "GPTModel; ours: our model with GPTModel's or the chunked main loss).",
         "",
         "| vocab | D | implementation | step (s) | time vs Megatron | peak (MB) | added over no MTP (MB) "
-        "| added vs Megatron | floor (MB) | added above floor vs Megatron | own addition (MB) | own addition vs Megatron |",
+        "| added vs Megatron | floor (MB) | added above floor vs Megatron | own addition (MB) "
+        "| own addition vs Megatron |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
