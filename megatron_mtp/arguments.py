@@ -69,19 +69,23 @@ def add_mtp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--main-loss-implementation", choices=LOSS_IMPLEMENTATIONS, default=None,
         help="The main next-token loss, with or without MTP. chunked: output layer + cross-entropy over token "
-        "chunks, never all [tokens, vocab/tp] logits at once (one more output-layer matmul per chunk). plain: "
-        "Megatron-Core's output layer and loss. Default: chunked when a micro-batch has more tokens than the "
+        "chunks, never the fp32 [tokens, vocab/tp] logits and softmax at once (see --main-loss-recompute-logits). "
+        "plain: Megatron-Core's output layer and loss. Default: chunked when a micro-batch has more tokens than the "
         "chunk size (then it holds fewer logits). Inference and calls without labels return the logits either way.",
     )
     group.add_argument(
-        "--mtp-loss-recompute-logits", action="store_const", const=True, default=None,
-        help="Chunked MTP loss: recompute each chunk's logits in backward instead of keeping the gradients "
-        "computed in forward (no output-weight-sized fp32 buffer per depth, one more matmul per chunk). "
-        "Default: chosen per shape; always with --gradient-accumulation-fusion under Megatron DDP.",
+        "--main-loss-recompute-logits", action=argparse.BooleanOptionalAction, default=None,
+        help="Chunked main loss: recompute each chunk's logits in backward (nothing vocabulary-sized kept, one more "
+        "output-layer matmul per chunk), or with --no-... keep them from forward in the output layer's dtype. "
+        "Default: recompute only fp32 logits; with --bf16/--fp16 they are kept in 16 bits (half the bytes of the "
+        "plain path's fp32 softmax, no extra matmul).",
     )
     group.add_argument(
-        "--no-mtp-loss-recompute-logits", action="store_const", const=False, dest="mtp_loss_recompute_logits",
-        help="Chunked MTP loss: always keep the gradients computed in forward (three matmuls per chunk).",
+        "--mtp-loss-recompute-logits", action=argparse.BooleanOptionalAction, default=None,
+        help="Chunked MTP loss: recompute each chunk's logits in backward (no output-weight-sized fp32 buffer per "
+        "depth, one more matmul per chunk), or with --no-... always keep the gradients computed in forward (three "
+        "matmuls per chunk). Default: chosen per shape; always recompute with --gradient-accumulation-fusion under "
+        "Megatron DDP.",
     )
     group.add_argument(
         "--mtp-latent-consistency-weight", type=float, default=0.0,
@@ -119,6 +123,10 @@ def _config(args: argparse.Namespace) -> MTPConfig:
         raise ValueError("--mtp-loss-scaling-schedule needs --mtp-num-layers >= 1")
     if args.mtp_loss_implementation == "plain" and args.mtp_loss_recompute_logits is not None:
         raise ValueError("--[no-]mtp-loss-recompute-logits applies to --mtp-loss-implementation chunked")
+    if args.main_loss_implementation == "plain" and args.main_loss_recompute_logits is not None:
+        raise ValueError(
+            "--[no-]main-loss-recompute-logits applies to the chunked main loss, not --main-loss-implementation plain"
+        )
     all_plain = args.mtp_loss_implementation == args.main_loss_implementation == "plain"
     if args.mtp_loss_chunk_size is not None and all_plain:
         raise ValueError(
@@ -135,6 +143,7 @@ def _config(args: argparse.Namespace) -> MTPConfig:
             loss_implementation=args.mtp_loss_implementation,
             loss_recompute_logits=args.mtp_loss_recompute_logits,
             main_loss_implementation=args.main_loss_implementation,
+            main_loss_recompute_logits=args.main_loss_recompute_logits,
             latent_consistency_weight=args.mtp_latent_consistency_weight,
             semantic_anchoring_weight=args.mtp_semantic_anchoring_weight,
             **({} if args.mtp_loss_chunk_size is None else {"loss_chunk_size": args.mtp_loss_chunk_size}),

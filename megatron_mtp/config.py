@@ -49,11 +49,18 @@ class MTPConfig:
 
     main_loss_implementation: Optional[str] = None
     """The main next-token loss in training and evaluation with labels: ``chunked`` runs the output layer +
-    cross-entropy over token chunks like the MTP depths (``loss.chunked.chunked_token_loss``: the [tokens, V/tp]
-    logits and their softmax, the largest activation at large vocabularies, never exist at once; one more matmul
-    per chunk, as the logits are recomputed in backward); ``plain``: ``GPTModel``'s output layer and loss. None
-    (default): chunked wherever it holds fewer logits, i.e. when a micro-batch has more tokens than
-    ``loss_chunk_size``. Applies without MTP too (``num_layers=0``). Without labels the logits are returned."""
+    cross-entropy over token chunks like the MTP depths (``loss.chunked.chunked_token_loss``: the fp32 [tokens,
+    V/tp] logits and their softmax, the largest activation at large vocabularies, never exist at once; see
+    ``main_loss_recompute_logits``); ``plain``: ``GPTModel``'s output layer and loss. None (default): chunked
+    wherever it holds fewer logits, i.e. when a micro-batch has more tokens than ``loss_chunk_size``. Applies
+    without MTP too (``num_layers=0``). Without labels the logits are returned."""
+
+    main_loss_recompute_logits: Optional[bool] = None
+    """Chunked main loss only: True recomputes each chunk's logits in backward (one more output-layer matmul per
+    chunk than the plain path; only fp32 chunk-sized buffers, nothing vocabulary-sized kept); False keeps the
+    logits in the output layer's dtype from forward (as many matmuls as the plain path; in bf16 half the bytes of
+    the fp32 softmax the plain path keeps). None (default): keep them when they are 16-bit (bf16/fp16 training:
+    the memory halves at no cost in time), recompute when they are fp32 (keeping would save nothing)."""
 
     loss_recompute_logits: Optional[bool] = None
     """Chunked loss only: True recomputes each chunk's logits in backward (four matmuls per chunk, keeps only the
@@ -108,8 +115,13 @@ class MTPConfig:
                 f"unknown main_loss_implementation {self.main_loss_implementation!r}; "
                 f"choose one of {', '.join(LOSS_IMPLEMENTATIONS)} (or None: chosen per micro-batch)"
             )
-        if not (self.loss_recompute_logits is None or isinstance(self.loss_recompute_logits, bool)):
-            raise ValueError(f"MTP loss_recompute_logits must be None, True or False, got {self.loss_recompute_logits!r}")
+        for name in ("loss_recompute_logits", "main_loss_recompute_logits"):
+            if not (getattr(self, name) is None or isinstance(getattr(self, name), bool)):
+                raise ValueError(f"MTP {name} must be None, True or False, got {getattr(self, name)!r}")
+        if self.main_loss_recompute_logits is not None and self.main_loss_implementation == "plain":
+            raise ValueError(
+                "main_loss_recompute_logits applies to the chunked main loss, not main_loss_implementation='plain'"
+            )
         if not isinstance(self.ddp_overlaps_grad_reduce, bool):
             raise TypeError(f"MTP ddp_overlaps_grad_reduce must be a bool, got {self.ddp_overlaps_grad_reduce!r}")
         if type(self.loss_chunk_size) is not int or self.loss_chunk_size < 1:

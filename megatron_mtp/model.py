@@ -155,6 +155,7 @@ class MTPModelMixin:
                 want_main_predictions,
                 self.mtp_config.loss_chunk_size,
                 weight_grad_stand_in=self.mtp_config.ddp_overlaps_grad_reduce,
+                recompute_logits=self.mtp_config.main_loss_recompute_logits,
             )
         else:
             with _main_predictions_recorded(self.output_layer, enabled=want_main_predictions) as main:

@@ -1,4 +1,4 @@
-"""Memory-efficient output layer + vocab-parallel cross-entropy: the logits never exist for all tokens at once.
+"""Memory-efficient output layer + vocab-parallel cross-entropy: fp32 logits never exist for all tokens at once.
 
 A loss needs ``logits = h @ W^T`` ([tokens, V/tp]) only to reduce them to one number per token. One function
 serves the main next-token loss (:func:`chunked_token_loss`: the per-token loss [b, s] Megatron's loss functions
@@ -15,8 +15,14 @@ and freed. Gradients come chunk by chunk as well, ``dL/dlogits = mask * (softmax
   backward makes the loss's gradients in one pass: three matmuls per chunk, as Megatron-Core's linear +
   cross-entropy, and the forward loss value reads NaN (nothing needs it: the MTP term enters training only
   through its gradient, see ``mtp_loss.inject_mtp_loss``). With metrics, forward also computes the loss and the
-  greedy ids: four matmuls. The main loss always computes its per-token values in forward (Megatron logs the
-  lm loss every step), so it takes four matmuls per chunk, and backward scales each token by its own gradient.
+  greedy ids: four matmuls.
+- logits kept (the main loss, by default when they are 16-bit): the main loss always computes its per-token values
+  in forward (Megatron logs the lm loss every step, and its backward scales each token by its own gradient, known
+  only then). Recomputing would make that four matmuls per chunk; instead forward keeps every chunk's logits in
+  the matmul's dtype ([n, V/tp], bf16 in bf16 training: half the bytes of the fp32 softmax Megatron-Core's
+  cross-entropy keeps) with each token's max and sum of exponentials, and backward remakes dL/dlogits from them,
+  chunk by chunk, bit for bit as recomputing would: three matmuls. fp32 logits are recomputed by default
+  (keeping them would hold as much as the plain path).
 
 Where ``dL/dW`` goes: with gradient-accumulation fusion and Megatron DDP's ``main_grad`` on the weight (the
 condition of Megatron's ``LinearWithGradAccumulationAndAsyncCommunication``), it is added into ``main_grad``
@@ -32,20 +38,22 @@ reduction (``MTPConfig.ddp_overlaps_grad_reduce``), so the dummy is never made. 
 ``zeros(()).expand(...)``, would not save the buffer: autograd copies a first gradient without the weight's strides
 into a new tensor.)
 
-Which variant (``grad_in_forward=None``, the default): without metrics, recompute. With metrics
-(:func:`gradients_in_forward`): with ``main_grad``, recompute, adding each chunk's ``dL/dW`` straight into ``main_grad`` in backward, so no weight-sized buffer
-exists (``dL/dW`` cannot go there in forward: the incoming gradient is not known yet). Without it, both
-variants make one fp32 ``[V/tp, h]`` buffer per depth: recomputing makes it in its own backward, after the
-main head's logits are freed, and keeps only the input until then; keeping gradients from forward holds it
-and ``dL/dh`` through the main head's forward and backward, for one matmul less per chunk. That is chosen
-where what it keeps (``4 V/tp h`` bytes plus ``n h`` input-sized elements) is no more than the fp32 logits
-``[n, V/tp]`` the plain path would keep for the depth, i.e. roughly where hidden < tokens.
+Which variant for a depth (``grad_in_forward=None``, the default): without metrics, recompute. With metrics
+(:func:`gradients_in_forward`): with ``main_grad``, recompute, adding each chunk's ``dL/dW`` straight into
+``main_grad`` in backward, so no weight-sized buffer exists (``dL/dW`` cannot go there in forward: the incoming
+gradient is not known yet). Without it, both variants make one fp32 ``[V/tp, h]`` buffer per depth: recomputing
+makes it in its own backward, after the main head's logits are freed, and keeps only the input until then;
+keeping gradients from forward holds it and ``dL/dh`` through the main head's forward and backward, for one
+matmul less per chunk. That is chosen where what it keeps (``4 V/tp h`` bytes plus ``n h`` input-sized elements)
+is no more than the fp32 logits ``[n, V/tp]`` the plain path would keep for the depth, i.e. roughly where
+hidden < tokens.
 
-Peak memory: one chunk's fp32 logits (plus the kept gradients in the first variant) instead of every token's
-logits and softmax. The tensor-parallel gradient reduction of ``h`` is left to the same region functions a
+Peak memory: one chunk's fp32 logits (plus the kept gradients or logits) instead of every token's fp32 logits
+and softmax. The tensor-parallel gradient reduction of ``h`` is left to the same region functions a
 ``ColumnParallelLinear`` uses (all-reduce, or reduce-scatter under sequence parallelism).
 """
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Optional, Tuple
 
@@ -68,6 +76,7 @@ def chunked_token_loss(
     want_predictions: bool,
     chunk_size: int,
     weight_grad_stand_in: bool = True,
+    recompute_logits: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The main next-token loss as ``GPTModel.compute_language_model_loss`` returns it, chunked.
 
@@ -77,15 +86,22 @@ def chunked_token_loss(
         want_predictions: also return the greedy ids (for the MTP acceptance metrics against the main model).
         weight_grad_stand_in: with the weight gradient added into ``main_grad``, return Megatron's dummy for the
             weight (False: None; safe only without overlapped DDP reduction, ``MTPConfig.ddp_overlaps_grad_reduce``).
+        recompute_logits: True: backward recomputes each chunk's logits (four matmuls per chunk, nothing
+            vocabulary-sized kept); False: forward keeps every chunk's logits in the matmul's dtype for backward
+            (three matmuls, [s*b, V/tp] kept); None: keep them when that dtype is 16-bit (half the bytes of the
+            fp32 softmax the plain path keeps), recompute them when it is fp32 (keeping would save nothing).
     Returns:
         per-token loss [b, s] fp32, unmasked (the loss function masks it; its backward takes a per-token gradient),
         and the greedy ids [b, s] or None.
     """
     x, weight, into_main_grad, (seq_len, batch) = _prepare(hidden_states, head)
-    token_loss, predictions = ChunkedVocabParallelCrossEntropy.apply(
-        x, weight, labels.t().reshape(-1), None, head.tp_group, chunk_size, False, want_predictions,
-        into_main_grad, weight_grad_stand_in,
+    if recompute_logits is None:
+        recompute_logits = torch.promote_types(x.dtype, weight.dtype).itemsize >= 4
+    plan = _Plan(
+        head.tp_group, chunk_size, want_stats=want_predictions, into_main_grad=into_main_grad,
+        weight_grad_stand_in=weight_grad_stand_in, keep_logits=not recompute_logits,
     )
+    token_loss, predictions = ChunkedVocabParallelCrossEntropy.apply(x, weight, labels.t().reshape(-1), None, plan)
     predictions = predictions.view(seq_len, batch).t() if want_predictions else None
     return token_loss.view(seq_len, batch).t().contiguous(), predictions
 
@@ -115,17 +131,9 @@ def chunked_depth_loss(
         grad_in_forward = want_stats and gradients_in_forward(
             x.size(0), x.size(1), weight.size(0), x.element_size(), into_main_grad
         )
+    plan = _Plan(head.tp_group, chunk_size, grad_in_forward, want_stats, into_main_grad)
     loss_sum, predictions = ChunkedVocabParallelCrossEntropy.apply(
-        x,
-        weight,
-        labels.t().reshape(-1),
-        loss_mask.t().reshape(-1).to(torch.float32),
-        head.tp_group,
-        chunk_size,
-        grad_in_forward,
-        want_stats,
-        into_main_grad,
-        False,
+        x, weight, labels.t().reshape(-1), loss_mask.t().reshape(-1).to(torch.float32), plan
     )
     return DepthLoss(loss_sum, predictions.view(seq_len, batch).t() if want_stats else None)
 
@@ -166,10 +174,30 @@ def gradients_in_forward(tokens: int, hidden: int, vocab_slice: int, input_bytes
     return kept <= 4 * tokens * vocab_slice
 
 
-class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token ``CE(x[t] @ W^T, labels[t])`` over a vocabulary split across ``tp_group``, or its masked sum.
+@dataclass(frozen=True)
+class _Plan:
+    """How :class:`ChunkedVocabParallelCrossEntropy` runs: settings, no tensors.
 
-    forward(x [n, h], weight [V/tp, h], labels [n] global ids, mask [n] fp32 or None, ...) ->
+    tp_group: the vocabulary's tensor-parallel group (None: one rank). grad_in_forward: keep ``dL/dh`` and ``dL/dW``
+    from forward (masked-sum loss only). want_stats: compute the loss value and the greedy ids in forward.
+    into_main_grad: add ``dL/dW`` into ``weight.main_grad``; weight_grad_stand_in: then return Megatron's dummy
+    gradient for the weight rather than None. keep_logits: forward keeps every chunk's logits for backward
+    instead of backward recomputing them (per-token loss; see :func:`chunked_token_loss`).
+    """
+
+    tp_group: Optional[dist.ProcessGroup]
+    chunk_size: int
+    grad_in_forward: bool = False
+    want_stats: bool = False
+    into_main_grad: bool = False
+    weight_grad_stand_in: bool = False
+    keep_logits: bool = False
+
+
+class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token ``CE(x[t] @ W^T, labels[t])`` over a vocabulary split across ``plan.tp_group``, or its masked sum.
+
+    forward(x [n, h], weight [V/tp, h], labels [n] global ids, mask [n] fp32 or None, plan: _Plan) ->
         (mask given: ``sum_t mask[t] * CE[t]``, scalar fp32; mask None: ``CE`` [n] fp32,
          predictions [n] global greedy ids, or an empty tensor when not requested)
 
@@ -181,51 +209,62 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, x, weight, labels, mask, tp_group, chunk_size, grad_in_forward, want_stats, into_main_grad,
-        weight_grad_stand_in,
-    ):
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    def forward(ctx, x, weight, labels, mask, plan: _Plan):
+        if plan.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {plan.chunk_size}")
         per_token = mask is None
-        if per_token and grad_in_forward:
+        if per_token and plan.grad_in_forward:
             raise ValueError("gradients kept from forward need the masked-sum loss (a scalar incoming gradient)")
-        vocab_start = vocab_slice_start(weight, tp_group)
+        if plan.keep_logits and plan.grad_in_forward:
+            raise ValueError("keep the logits or the gradients from forward, not both")
+        vocab_start = vocab_slice_start(weight, plan.tp_group)
         backward_follows = any(ctx.needs_input_grad[:2])
-        keep_grads = grad_in_forward and backward_follows
+        keep_grads = plan.grad_in_forward and backward_follows
         grad_x = torch.empty_like(x) if keep_grads else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if keep_grads else None
-        predictions = torch.empty(x.size(0) if want_stats else 0, dtype=torch.long, device=x.device)
-        value_in_backward = backward_follows and not keep_grads and not want_stats and not per_token
+        value_in_backward = backward_follows and not keep_grads and not plan.want_stats and not per_token
+        kept = None
+        if plan.keep_logits and backward_follows and not value_in_backward:
+            logits_dtype = torch.promote_types(x.dtype, weight.dtype)
+            kept = _KeptLogits.empty(x.size(0), weight.size(0), logits_dtype, x.device)
+        predictions = torch.empty(x.size(0) if plan.want_stats else 0, dtype=torch.long, device=x.device)
         loss = torch.empty(x.size(0), dtype=torch.float32, device=x.device) if per_token else (
             torch.full((), torch.nan if value_in_backward else 0.0, dtype=torch.float32, device=x.device)
         )
-        for start in range(0, 0 if value_in_backward else x.size(0), chunk_size):
-            rows = slice(start, start + chunk_size)
-            chunk = _ChunkLogits(x[rows], weight, labels[rows], vocab_start, tp_group, want_stats)
+        for start in range(0, 0 if value_in_backward else x.size(0), plan.chunk_size):
+            rows = slice(start, start + plan.chunk_size)
+            if kept is None:
+                chunk = _ChunkLogits(x[rows] @ weight.t(), labels[rows], vocab_start, plan.tp_group, plan.want_stats)
+            else:
+                logits = torch.matmul(x[rows], weight.t(), out=kept.logits[rows])
+                chunk = _ChunkLogits(
+                    logits.to(torch.float32, copy=True), labels[rows], vocab_start, plan.tp_group, plan.want_stats
+                )
+                kept.record(rows, chunk)
             if per_token:
                 loss[rows] = chunk.token_loss
             else:
                 loss += (chunk.token_loss * mask[rows]).sum()
-            if want_stats:
+            if plan.want_stats:
                 predictions[rows] = chunk.predictions
             if keep_grads:
                 _backpropagate_chunk(chunk, mask[rows], x, weight, rows, grad_x, _adder(grad_weight))
             del chunk  # its [c, V/tp] logits, before the next chunk makes its own
-        ctx.tp_group, ctx.chunk_size, ctx.vocab_start = tp_group, chunk_size, vocab_start
-        ctx.kept_grads, ctx.consumed, ctx.per_token = keep_grads, False, per_token
-        ctx.weight_grad_stand_in = weight_grad_stand_in
+        ctx.plan, ctx.vocab_start, ctx.kept_grads, ctx.consumed = plan, vocab_start, keep_grads, False
         # An attribute, not a saved tensor (as in Megatron's linear): main_grad changes in place before backward.
-        ctx.main_grad = weight.main_grad if into_main_grad else None
+        ctx.main_grad = weight.main_grad if plan.into_main_grad else None
         if keep_grads:
             ctx.save_for_backward(grad_x, grad_weight, weight)
-        else:
+        elif kept is None:
             ctx.save_for_backward(x, weight, labels, mask)
+        else:
+            ctx.save_for_backward(x, weight, labels, mask, kept.logits, kept.row_max, kept.row_sum_exp)
         ctx.mark_non_differentiable(predictions)
         return loss, predictions
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_predictions):
+        plan = ctx.plan
         if ctx.kept_grads:
             # Scaled in place to save a weight-sized buffer, so a second backward would be wrong: refuse it.
             if ctx.consumed:
@@ -235,29 +274,29 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             grad_x.mul_(grad_loss.to(grad_x.dtype))
             grad_weight.mul_(grad_loss)
             if ctx.main_grad is None:
-                return grad_x, grad_weight.to(weight.dtype), *_NONES
+                return grad_x, grad_weight.to(weight.dtype), None, None, None
             ctx.main_grad.add_(grad_weight)
-            return grad_x, weight_grad_in_main_grad(weight, grad_x.dtype, ctx.weight_grad_stand_in), *_NONES
-        x, weight, labels, mask = ctx.saved_tensors
+            return grad_x, weight_grad_in_main_grad(weight, grad_x.dtype, plan.weight_grad_stand_in), None, None, None
+        x, weight, labels, mask, *kept = ctx.saved_tensors
+        kept = _KeptLogits(*kept) if kept else None
         grad_x = torch.empty_like(x)
         if ctx.main_grad is None:
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             add_weight_grad = _adder(grad_weight)
         else:
             add_weight_grad = _fused_adder(ctx.main_grad)
-        for start in range(0, x.size(0), ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            chunk = _ChunkLogits(x[rows], weight, labels[rows], ctx.vocab_start, ctx.tp_group, False)
-            scale = grad_loss[rows] if ctx.per_token else mask[rows] * grad_loss
+        for start in range(0, x.size(0), plan.chunk_size):
+            rows = slice(start, start + plan.chunk_size)
+            if kept is None:
+                chunk = _ChunkLogits(x[rows] @ weight.t(), labels[rows], ctx.vocab_start, plan.tp_group, False)
+            else:
+                chunk = kept.chunk(rows, labels[rows], ctx.vocab_start)
+            scale = grad_loss[rows] if mask is None else mask[rows] * grad_loss
             _backpropagate_chunk(chunk, scale, x, weight, rows, grad_x, add_weight_grad)
             del chunk
         if ctx.main_grad is None:
-            return grad_x, grad_weight.to(weight.dtype), *_NONES
-        return grad_x, weight_grad_in_main_grad(weight, x.dtype, ctx.weight_grad_stand_in), *_NONES
-
-
-# No gradient for labels, mask, tp_group, chunk_size, grad_in_forward, want_stats, into_main_grad, stand-in.
-_NONES = (None,) * 8
+            return grad_x, grad_weight.to(weight.dtype), None, None, None
+        return grad_x, weight_grad_in_main_grad(weight, x.dtype, plan.weight_grad_stand_in), None, None, None
 
 
 def _writes_main_grad(output_layer, weight) -> bool:
@@ -276,33 +315,47 @@ def _writes_main_grad(output_layer, weight) -> bool:
 class _ChunkLogits:
     """One chunk's logits reduced over the vocabulary slices: per-token CE, greedy ids, and dCE/dlogits.
 
-    x: [c, h], weight: [V/tp, h], labels: [c] global ids. Holds one fp32 [c, V/tp] buffer, reused in place.
+    logits: [c, V/tp] (``x[rows] @ W^T``), labels: [c] global ids. Holds one fp32 [c, V/tp] buffer, reused in
+    place: the logits themselves when they are fp32.
     """
 
-    def __init__(self, x, weight, labels, vocab_start, tp_group, want_predictions: bool):
-        shifted = (x @ weight.t()).float()  # [c, V/tp]
+    def __init__(self, logits, labels, vocab_start, tp_group, want_predictions: bool):
+        shifted = logits.float()
         if want_predictions:
             local_max, local_ids = shifted.max(dim=-1)
         else:
             local_max = shifted.amax(dim=-1)
-        global_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, tp_group)
+        self.global_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, tp_group)
         if want_predictions:
             # Lowest global id among the slices that hold the maximum, as a full-vocabulary argmax would give.
             candidates = torch.where(
-                local_max == global_max,
+                local_max == self.global_max,
                 local_ids + vocab_start,
                 torch.full_like(local_ids, torch.iinfo(torch.long).max),
             )
             self.predictions = _all_reduce(candidates, dist.ReduceOp.MIN, tp_group)
-        shifted -= global_max.unsqueeze(-1)
-        local_labels = labels - vocab_start
-        self.owns_label = (local_labels >= 0) & (local_labels < weight.size(0))
-        self.local_labels = torch.where(self.owns_label, local_labels, torch.zeros_like(local_labels))
+        shifted -= self.global_max.unsqueeze(-1)
+        self._set_labels(labels, vocab_start, shifted.size(-1))
         target = shifted.gather(-1, self.local_labels.unsqueeze(-1)).squeeze(-1) * self.owns_label
         self.exp = shifted.exp_()
         sums = _all_reduce(torch.stack((self.exp.sum(dim=-1), target)), dist.ReduceOp.SUM, tp_group)
         self.sum_exp = sums[0]
         self.token_loss = torch.log(self.sum_exp) - sums[1]  # [c]
+
+    @classmethod
+    def from_kept(cls, logits, global_max, sum_exp, labels, vocab_start) -> "_ChunkLogits":
+        """The chunk as forward left it, from its kept logits [c, V/tp] and each token's global max and sum of
+        exponentials [c]: no matmul, no communication (``grad_logits`` only)."""
+        chunk = cls.__new__(cls)
+        chunk.global_max, chunk.sum_exp = global_max, sum_exp
+        chunk.exp = logits.to(torch.float32, copy=True).sub_(global_max.unsqueeze(-1)).exp_()
+        chunk._set_labels(labels, vocab_start, logits.size(-1))
+        return chunk
+
+    def _set_labels(self, labels, vocab_start, vocab_slice) -> None:
+        local_labels = labels - vocab_start
+        self.owns_label = (local_labels >= 0) & (local_labels < vocab_slice)
+        self.local_labels = torch.where(self.owns_label, local_labels, torch.zeros_like(local_labels))
 
     def grad_logits(self, scale: torch.Tensor) -> torch.Tensor:
         """scale[t] * (softmax - onehot(label)) for this slice, [c, V/tp] fp32 (the logits buffer, overwritten and
@@ -315,6 +368,28 @@ class _ChunkLogits:
         rows = torch.arange(grad.size(0), device=grad.device)
         grad[rows, self.local_labels] -= scale * self.owns_label
         return grad
+
+
+class _KeptLogits:
+    """Every chunk's logits [n, V/tp] in the matmul's dtype, kept from forward, with each token's global max and
+    sum of exponentials [n] fp32: backward remakes each chunk's dL/dlogits from them, bit for bit as recomputing
+    would, without the matmul."""
+
+    def __init__(self, logits, row_max, row_sum_exp):
+        self.logits, self.row_max, self.row_sum_exp = logits, row_max, row_sum_exp
+
+    @classmethod
+    def empty(cls, rows: int, vocab_slice: int, dtype: torch.dtype, device) -> "_KeptLogits":
+        per_row = torch.empty(2, rows, dtype=torch.float32, device=device)
+        return cls(torch.empty(rows, vocab_slice, dtype=dtype, device=device), per_row[0], per_row[1])
+
+    def record(self, rows: slice, chunk: _ChunkLogits) -> None:
+        self.row_max[rows], self.row_sum_exp[rows] = chunk.global_max, chunk.sum_exp
+
+    def chunk(self, rows: slice, labels, vocab_start) -> _ChunkLogits:
+        return _ChunkLogits.from_kept(
+            self.logits[rows], self.row_max[rows], self.row_sum_exp[rows], labels, vocab_start
+        )
 
 
 def _backpropagate_chunk(chunk, scale, x, weight, rows, grad_x, add_weight_grad) -> None:

@@ -44,6 +44,9 @@ def test_loss_flags_build_the_mtp_config():
     assert (no_mtp.enabled, no_mtp.main_loss_implementation) == (False, "plain")
     chunked_main = _parse(["--mtp-loss-implementation", "plain", "--mtp-loss-chunk-size", "8"])
     assert (chunked_main.main_loss_implementation, chunked_main.loss_chunk_size) == (None, 8)
+    assert default.main_loss_recompute_logits is None  # kept in 16 bits, recomputed in fp32
+    assert _parse(["--main-loss-recompute-logits"]).main_loss_recompute_logits is True
+    assert _parse(["--no-main-loss-recompute-logits"]).main_loss_recompute_logits is False
 
 
 def test_megatron_lm_defaults_and_no_mtp_by_default():
@@ -74,6 +77,8 @@ def test_works_as_extra_args_provider_on_a_parser_that_has_megatrons_flags():
         (["--mtp-loss-implementation", "plain", "--mtp-loss-recompute-logits"],
          "applies to --mtp-loss-implementation chunked"),
         (["--mtp-num-layers", "1", "--mtp-semantic-anchoring-weight", "-1"], "--mtp-semantic-anchoring-weight must be"),
+        (["--main-loss-implementation", "plain", "--no-main-loss-recompute-logits"],
+         "--[no-]main-loss-recompute-logits applies to the chunked main loss, not --main-loss-implementation plain"),
     ],
 )
 def test_contradictory_flags_fail_at_parse_time_naming_the_flags(argv, message, capsys):

@@ -1,13 +1,15 @@
 """The main next-token loss through the chunked output layer + cross-entropy (``main_loss_implementation``)
 equals ``GPTModel``'s own: per-micro-batch losses, the MTP metrics (their agreement with the main model's greedy
 ids now comes from the chunks), every parameter's gradient, after one Megatron DDP step of 3 micro-batches, one of
-them fully masked; without MTP and in both modes, tied and untied; fp32, one process. Without labels the model
-still returns the logits. (TP=2 with SP and PP=2: tests/distributed/test_chunked_main_loss_parallel.py; fusion:
-tests/unit/test_main_grad.py.)"""
+them fully masked; without MTP and in both modes, tied and untied; fp32, one process; with the logits recomputed in
+backward and kept from forward. Without labels the model still returns the logits. In bf16 the kept logits give
+the recomputed gradients bit for bit without the backward matmul, and that is the default there. (TP=2 with SP
+and PP=2: tests/distributed/test_chunked_main_loss_parallel.py; fusion: tests/unit/test_main_grad.py.)"""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_mtp.config import MTPConfig
 from megatron_mtp.loss import MTPStats
@@ -52,9 +54,9 @@ def test_chunked_main_loss_equals_the_plain_one(single_process, num_layers, mode
     base = dict(num_layers=num_layers, mode=mode, loss_chunk_size=7)
     weights, losses, stats, grads, calls, logits = _step(MTPConfig(main_loss_implementation="plain", **base), tied)
     assert calls == 3 + 1  # GPTModel's output layer: one per micro-batch, and the eval call
-    # Default (None): 32 tokens per micro-batch > 7 per chunk, so chunked.
-    for main in ("chunked", None):
-        config = MTPConfig(main_loss_implementation=main, **base)
+    # Default (None): 32 tokens per micro-batch > 7 per chunk, so chunked; fp32 logits: recomputed by default.
+    for main, recompute in (("chunked", None), (None, None), ("chunked", False)):
+        config = MTPConfig(main_loss_implementation=main, main_loss_recompute_logits=recompute, **base)
         _, chunked_losses, chunked_stats, chunked_grads, chunked_calls, chunked_logits = _step(config, tied, weights)
         assert chunked_calls == 1  # only the eval call without labels, which returns logits
         assert chunked_logits.shape == (2, 16, VOCAB)
@@ -93,8 +95,10 @@ def test_chunked_token_loss_is_torch_cross_entropy_with_a_per_token_gradient_and
     logits = hidden.transpose(0, 1) @ head.weight.t()  # [b, s, V]
     expected = F.cross_entropy(logits.permute(0, 2, 1), labels, reduction="none")
     expected_grads = torch.autograd.grad((expected * incoming).sum(), (hidden, head.weight))
-    for want_predictions in (True, False):
-        token_loss, predictions = chunked_token_loss(hidden, OutputHead(head, None, None), labels, want_predictions, 2)
+    for want_predictions, recompute_logits in ((True, True), (False, True), (True, False), (False, False)):
+        token_loss, predictions = chunked_token_loss(
+            hidden, OutputHead(head, None, None), labels, want_predictions, 2, recompute_logits=recompute_logits
+        )
         torch.testing.assert_close(token_loss, expected)
         grads = torch.autograd.grad((token_loss * incoming).sum(), (hidden, head.weight))
         torch.testing.assert_close(grads, expected_grads)
@@ -102,3 +106,63 @@ def test_chunked_token_loss_is_torch_cross_entropy_with_a_per_token_gradient_and
             assert torch.equal(predictions, logits.argmax(-1))
         else:
             assert predictions is None
+
+
+class _LogitsMatmuls(TorchDispatchMode):
+    """Counts matmuls whose result has ``columns`` columns (the logits: [tokens, V])."""
+
+    def __init__(self, columns: int):
+        super().__init__()
+        self.columns, self.count = columns, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm) and out.size(-1) == self.columns:
+            self.count += 1
+        return out
+
+
+def _bf16_token_loss(recompute_logits, tokens=24, vocab=96, hidden=16, chunk=5):
+    """Loss, greedy ids, d(loss . incoming)/d(hidden, weight), saved tensors' shapes and dtypes, and the logits
+    matmuls in backward, for a bf16 head; the chunked loss's 24 tokens go in 5 chunks of 5."""
+    generator = torch.Generator().manual_seed(4)
+    head = _Linear(vocab, hidden)
+    head.weight.data = torch.randn(vocab, hidden, generator=generator).bfloat16()
+    hidden_states = torch.randn(tokens, 1, hidden, generator=generator).bfloat16().requires_grad_()
+    labels = torch.randint(0, vocab, (1, tokens), generator=generator)
+    incoming = torch.rand(1, tokens, generator=generator)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        token_loss, predictions = chunked_token_loss(
+            hidden_states, OutputHead(head, None, None), labels, True, chunk, recompute_logits=recompute_logits
+        )
+    with _LogitsMatmuls(vocab) as backward:
+        grads = torch.autograd.grad((token_loss * incoming).sum(), (hidden_states, head.weight))
+    return token_loss, predictions, grads, saved, backward.count
+
+
+def test_bf16_kept_logits_give_the_recomputed_gradients_bit_for_bit_without_the_backward_matmul(gloo_world):
+    loss, predictions, grads, saved, matmuls = _bf16_token_loss(recompute_logits=True)
+    assert matmuls == 5  # one per chunk in backward
+    assert all(shape[-1] != 96 for shape, _ in saved)  # nothing vocabulary-sized kept
+    for recompute_logits in (False, None):  # None: 16-bit logits are kept by default
+        kept_loss, kept_predictions, kept_grads, kept_saved, kept_matmuls = _bf16_token_loss(recompute_logits)
+        assert kept_matmuls == 0
+        assert ((24, 96), torch.bfloat16) in kept_saved  # the logits, in the matmul's dtype
+        assert torch.equal(kept_loss, loss) and torch.equal(kept_predictions, predictions)
+        for kept_grad, grad in zip(kept_grads, grads, strict=True):
+            assert torch.equal(kept_grad, grad)
+    assert grads[1].abs().sum() > 0
+
+
+def test_fp32_logits_are_recomputed_by_default(gloo_world):
+    head = _Linear(vocab=96, hidden=16)
+    hidden_states = torch.randn(24, 1, 16, requires_grad=True)
+    labels = torch.randint(0, 96, (1, 24))
+    for recompute_logits, expected_matmuls in ((None, 5), (False, 0)):
+        token_loss, _ = chunked_token_loss(
+            hidden_states, OutputHead(head, None, None), labels, False, 5, recompute_logits=recompute_logits
+        )
+        with _LogitsMatmuls(96) as backward:
+            token_loss.sum().backward()
+        assert backward.count == expected_matmuls

@@ -17,6 +17,8 @@ from megatron_mtp.config import MTPConfig
         (dict(loss_scaling_schedule=((10, 0.1), (5, 0.2))), "increasing"),
         (dict(loss_scaling_schedule=((0, -1.0),)), "schedule value must be"),
         (dict(loss_scaling_schedule=((0,),)), "entries are"),
+        (dict(main_loss_recompute_logits=0), "main_loss_recompute_logits must be None, True or False"),
+        (dict(main_loss_implementation="plain", main_loss_recompute_logits=True), "applies to the chunked main loss"),
     ],
 )
 def test_bad_configs_fail_with_clear_errors(kwargs, message):

@@ -41,6 +41,9 @@ LOSSES = {  # 32 tokens per micro-batch: the main loss is chunked by default wit
     "chunked, gradients kept from forward": dict(
         loss_implementation="chunked", loss_chunk_size=7, loss_recompute_logits=False
     ),
+    "chunked, main logits kept from forward": dict(
+        loss_implementation="chunked", loss_chunk_size=7, main_loss_recompute_logits=False
+    ),
 }
 
 
@@ -72,10 +75,15 @@ def test_fusion_on_gives_the_main_grads_of_fusion_off(single_process, mode, tied
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_fusion_on_gives_the_main_grads_of_fusion_off_with_the_chunked_main_loss_and_no_mtp(single_process, tied):
+@pytest.mark.parametrize("recompute_logits", [True, False], ids=["recomputed", "kept"])
+def test_fusion_on_gives_the_main_grads_of_fusion_off_with_the_chunked_main_loss_and_no_mtp(
+    single_process, tied, recompute_logits
+):
     # No other user of the output weight in backward: the chunked main loss itself returns Megatron's dummy
     # gradient, which DDP's hook asserts under overlap_grad_reduce (and ignores, the gradient being in main_grad).
-    mtp = MTPConfig(num_layers=0, loss_chunk_size=7, main_loss_implementation="chunked")
+    mtp = MTPConfig(
+        num_layers=0, loss_chunk_size=7, main_loss_implementation="chunked", main_loss_recompute_logits=recompute_logits
+    )
     weights, expected = _step_main_grads(mtp, tied, fusion=False)
     for overlap_grad_reduce in (False, True):
         _, fused = _step_main_grads(mtp, tied, fusion=True, weights=weights, overlap_grad_reduce=overlap_grad_reduce)
