@@ -1,5 +1,6 @@
 """Side-by-side benchmark: no MTP, Megatron-Core's MTP, and ours (sequential plain / chunked, parallel heads; with
-the main next-token loss chunked too, with and without MTP: the ``-chunked-main`` cases; the others keep
+the main next-token loss chunked too, with and without MTP: the ``-chunked-main`` cases, by default (16-bit
+logits kept from forward, fp32 ones recomputed) and with the logits recomputed in backward; the others keep
 GPTModel's; ``none-plain-main`` is our model without MTP and with GPTModel's main loss).
 
 Every (vocab, D, implementation) case runs in a fresh process, so its peak memory is its own: the peak of the
@@ -48,9 +49,12 @@ CASES = {
     "parallel": "ours, parallel heads, chunked loss",
     "none-plain-main": "ours, no MTP, GPTModel's main loss",
     "none-chunked-main": "ours, no MTP, chunked main loss",
+    "none-chunked-main-recompute": "ours, no MTP, chunked main loss, logits recomputed",
     "seq-chunked-main": "ours, sequential, chunked loss, chunked main loss",
+    "seq-chunked-main-recompute": "ours, sequential, chunked loss, chunked main loss, logits recomputed",
 }
-NO_MTP_CASES = ("none", "none-plain-main", "none-chunked-main")  # measured once per vocabulary, at D=0
+# Measured once per vocabulary, at D=0.
+NO_MTP_CASES = ("none", "none-plain-main", "none-chunked-main", "none-chunked-main-recompute")
 """Our cases other than the ``-chunked-main`` ones keep GPTModel's output layer and loss for the main next-token
 loss. ``none-plain-main`` is our model without MTP (what our MTP cases add to, e.g. with the fused word-embedding
 lookup): each MTP case's "own addition" is over its own implementation's no-MTP case of the same main loss."""
@@ -266,7 +270,8 @@ def _build(settings: dict, device: str):
             loss_implementation="plain" if case == "seq-plain" else "chunked",
             loss_chunk_size=settings["chunk_size"],
             loss_recompute_logits={"seq-chunked-recompute": True, "seq-chunked-kept": False}.get(case),
-            main_loss_implementation="chunked" if case.endswith("chunked-main") else "plain",
+            main_loss_implementation="chunked" if "chunked-main" in case else "plain",
+            main_loss_recompute_logits=True if case.endswith("chunked-main-recompute") else None,
             ddp_overlaps_grad_reduce=ddp_config.overlap_grad_reduce,
         )
     hidden = settings["hidden_size"]
@@ -348,8 +353,9 @@ def _summarise(samples: dict, args) -> list:
                 row["above_floor_vs_megatron"] = (row["added_mb"] - floor_mb) / (reference["added_mb"] - floor_mb)
     own_base = {(r["vocab"], r["case"]): r for r in rows if r["case"] in NO_MTP_CASES}
     for row in rows:
-        base_case = "none" if row["case"] in ("none", "megatron") else (
-            "none-chunked-main" if row["case"].endswith("chunked-main") else "none-plain-main"
+        case = row["case"]
+        base_case = "none" if case in ("none", "megatron") else (
+            "none-" + case[case.find("chunked-main"):] if "chunked-main" in case else "none-plain-main"
         )
         own = own_base.get((row["vocab"], base_case))
         if row["depth"] and own:
