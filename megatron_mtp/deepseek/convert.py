@@ -28,6 +28,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+from torch.distributed import distributed_c10d
 
 from megatron_mtp import cpu_bridge
 from megatron_mtp.checkpoint_names import absent_tensors_error, te_state_dict_names
@@ -310,12 +311,18 @@ def _single_process_world():
         raise RuntimeError("checkpoint conversion runs in one process; this world has several")
     had_model_parallel = parallel_state.model_parallel_is_initialized()
     if not had_model_parallel:
+        groups_before = set(distributed_c10d._world.pg_map)
         parallel_state.initialize_model_parallel(1, 1)
     try:
         yield
     finally:
         if not had_model_parallel:
             parallel_state.destroy_model_parallel()
+            if not created:
+                # destroy_model_parallel forgets Megatron's groups without destroying them; in a world that outlives
+                # the conversion each would keep its gloo threads.
+                for group in set(distributed_c10d._world.pg_map) - groups_before:
+                    dist.destroy_process_group(group)
         if created:
             dist.destroy_process_group()
 

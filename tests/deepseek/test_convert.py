@@ -211,6 +211,19 @@ def test_bf16_round_trip_is_bit_exact_and_writes_mtp_copies(tmp_path):
         assert json.load(f) == tiny_config()
 
 
+def test_conversion_inside_a_running_world_leaves_its_process_groups_as_they_were(gloo_world, tmp_path):
+    from torch.distributed import distributed_c10d
+
+    assert not parallel_state.model_parallel_is_initialized()
+    groups = set(distributed_c10d._world.pg_map)
+    hf_dir, root = str(tmp_path / "hf"), str(tmp_path / "megatron")
+    write_tiny_checkpoint(hf_dir, tiny_config(), fp8=False)
+    import_hf_checkpoint(hf_dir, root)
+    export_hf_checkpoint(root, str(tmp_path / "out"))
+    assert set(distributed_c10d._world.pg_map) == groups  # Megatron's groups destroyed, the world's own kept
+    assert torch.distributed.is_initialized()
+
+
 def test_cli_imports_with_progress_and_explains_itself(tmp_path):
     hf_dir, root = str(tmp_path / "hf"), str(tmp_path / "megatron")
     write_tiny_checkpoint(hf_dir, tiny_config(), fp8=True)
