@@ -43,15 +43,11 @@ def single_process(gloo_world):
 
 
 def _release_model_parallel_groups():
-    """``destroy_model_parallel`` and destroy the gloo groups it only forgets: each set of groups holds about 50
-    threads, which a suite of a few hundred tests would otherwise pile up in this process (thousands, busy)."""
-    from megatron.core import parallel_state
-    from torch.distributed import distributed_c10d
+    """Megatron's groups destroyed, not only forgotten: each set holds about 50 gloo threads, which a suite of a few
+    hundred tests would otherwise pile up in this process (thousands, busy)."""
+    from megatron_mtp.training.process_groups import destroy_model_parallel
 
-    parallel_state.destroy_model_parallel()
-    default = distributed_c10d._get_default_group()
-    for group in [g for g in distributed_c10d._world.pg_map if g is not default]:
-        torch.distributed.destroy_process_group(group)
+    destroy_model_parallel(keep=frozenset({torch.distributed.group.WORLD}))
 
 
 @pytest.fixture(scope="session")

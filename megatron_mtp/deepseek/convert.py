@@ -28,7 +28,6 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
-from torch.distributed import distributed_c10d
 
 from megatron_mtp import cpu_bridge
 from megatron_mtp.checkpoint_names import absent_tensors_error, te_state_dict_names
@@ -39,6 +38,7 @@ from megatron_mtp.deepseek.safetensors_io import PlannedTensor, StreamingSafeten
 from megatron_mtp.deepseek.torch_dist_stream import StreamingDistCheckpointWriter, load_group
 from megatron_mtp.deepseek.training import checkpoint_signature
 from megatron_mtp.training.checkpointing import TRACKER_FILE, iteration_dir, latest_iteration
+from megatron_mtp.training.process_groups import destroy_model_parallel, process_groups
 
 HF_FLOAT32_SUFFIXES = ("e_score_correction_bias",)
 """HF tensors DeepSeek stores in float32; export writes every other floating tensor in bf16."""
@@ -311,18 +311,13 @@ def _single_process_world():
         raise RuntimeError("checkpoint conversion runs in one process; this world has several")
     had_model_parallel = parallel_state.model_parallel_is_initialized()
     if not had_model_parallel:
-        groups_before = set(distributed_c10d._world.pg_map)
+        groups_before = process_groups()
         parallel_state.initialize_model_parallel(1, 1)
     try:
         yield
     finally:
         if not had_model_parallel:
-            parallel_state.destroy_model_parallel()
-            if not created:
-                # destroy_model_parallel forgets Megatron's groups without destroying them; in a world that outlives
-                # the conversion each would keep its gloo threads.
-                for group in set(distributed_c10d._world.pg_map) - groups_before:
-                    dist.destroy_process_group(group)
+            destroy_model_parallel(keep=groups_before)
         if created:
             dist.destroy_process_group()
 
