@@ -3,8 +3,11 @@ equals ``GPTModel``'s own: per-micro-batch losses, the MTP metrics (their agreem
 ids now comes from the chunks), every parameter's gradient, after one Megatron DDP step of 3 micro-batches, one of
 them fully masked; without MTP and in both modes, tied and untied; fp32, one process; with the logits recomputed in
 backward and kept from forward. Without labels the model still returns the logits. In bf16 the kept logits give
-the recomputed gradients bit for bit without the backward matmul, and that is the default there. (TP=2 with SP
-and PP=2: tests/distributed/test_chunked_main_loss_parallel.py; fusion: tests/unit/test_main_grad.py.)"""
+the recomputed gradients bit for bit without the backward matmul (through autograd and into ``main_grad``), and
+that is the default there. (TP=2 with SP and PP=2: tests/distributed/test_chunked_main_loss_parallel.py; fusion:
+tests/unit/test_main_grad.py.)"""
+
+import contextlib
 
 import pytest
 import torch
@@ -122,33 +125,46 @@ class _LogitsMatmuls(TorchDispatchMode):
         return out
 
 
-def _bf16_token_loss(recompute_logits, tokens=24, vocab=96, hidden=16, chunk=5):
-    """Loss, greedy ids, d(loss . incoming)/d(hidden, weight), saved tensors' shapes and dtypes, and the logits
-    matmuls in backward, for a bf16 head; the chunked loss's 24 tokens go in 5 chunks of 5."""
+def _bf16_token_loss(recompute_logits, fusion, tokens=24, vocab=96, hidden=16, chunk=5):
+    """Loss, greedy ids, d(loss . incoming)/d(hidden, weight) (with ``fusion``: the weight's from its fp32
+    ``main_grad``, as Megatron DDP under gradient-accumulation fusion), saved tensors' shapes and dtypes, and the
+    logits matmuls in backward, for a bf16 head; the chunked loss's 24 tokens go in 5 chunks of 5."""
     generator = torch.Generator().manual_seed(4)
     head = _Linear(vocab, hidden)
     head.weight.data = torch.randn(vocab, hidden, generator=generator).bfloat16()
+    if fusion:
+        head.gradient_accumulation_fusion = True
+        head.weight.main_grad = torch.zeros(vocab, hidden)
+        head.weight.grad_added_to_main_grad = False
     hidden_states = torch.randn(tokens, 1, hidden, generator=generator).bfloat16().requires_grad_()
     labels = torch.randint(0, vocab, (1, tokens), generator=generator)
     incoming = torch.rand(1, tokens, generator=generator)
+    # Saved tensors are listed without fusion only: a tensor an unpack hook returns is a new alias of the weight in
+    # backward, on which the flag grad_added_to_main_grad would be set instead of on the parameter.
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+    listing = torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t
+    )
+    with contextlib.nullcontext() if fusion else listing:
         token_loss, predictions = chunked_token_loss(
             hidden_states, OutputHead(head, None, None), labels, True, chunk, recompute_logits=recompute_logits
         )
     with _LogitsMatmuls(vocab) as backward:
-        grads = torch.autograd.grad((token_loss * incoming).sum(), (hidden_states, head.weight))
-    return token_loss, predictions, grads, saved, backward.count
+        (token_loss * incoming).sum().backward()
+    weight_grad = head.weight.main_grad if fusion else head.weight.grad
+    assert head.weight.grad_added_to_main_grad if fusion else weight_grad.dtype == torch.bfloat16
+    return token_loss, predictions, (hidden_states.grad, weight_grad), saved, backward.count
 
 
-def test_bf16_kept_logits_give_the_recomputed_gradients_bit_for_bit_without_the_backward_matmul(gloo_world):
-    loss, predictions, grads, saved, matmuls = _bf16_token_loss(recompute_logits=True)
+@pytest.mark.parametrize("fusion", [False, True], ids=["autograd", "main_grad"])
+def test_bf16_kept_logits_give_the_recomputed_gradients_bit_for_bit_without_the_backward_matmul(gloo_world, fusion):
+    loss, predictions, grads, saved, matmuls = _bf16_token_loss(recompute_logits=True, fusion=fusion)
     assert matmuls == 5  # one per chunk in backward
     assert all(shape[-1] != 96 for shape, _ in saved)  # nothing vocabulary-sized kept
     for recompute_logits in (False, None):  # None: 16-bit logits are kept by default
-        kept_loss, kept_predictions, kept_grads, kept_saved, kept_matmuls = _bf16_token_loss(recompute_logits)
+        kept_loss, kept_predictions, kept_grads, kept_saved, kept_matmuls = _bf16_token_loss(recompute_logits, fusion)
         assert kept_matmuls == 0
-        assert ((24, 96), torch.bfloat16) in kept_saved  # the logits, in the matmul's dtype
+        assert fusion or ((24, 96), torch.bfloat16) in kept_saved  # the logits, in the matmul's dtype
         assert torch.equal(kept_loss, loss) and torch.equal(kept_predictions, predictions)
         for kept_grad, grad in zip(kept_grads, grads, strict=True):
             assert torch.equal(kept_grad, grad)
